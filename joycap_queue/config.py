@@ -1,0 +1,128 @@
+"""One settings object for the whole service, read from JOYCAP_* environment variables.
+
+Every CLI option that has a setting also takes its environment variable, so a worker on another
+machine is configured by its environment alone (compose, systemd) and the CLI by flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "fancyfeast/llama-joycaption-beta-one-hf-llava"
+# The tiny model builder leaves this file in its folder; its presence is how the light side knows,
+# without importing torch, that captions will be random text.
+TINY_MODEL_MARKER = "joycap-tiny.json"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "joycap-queue"
+
+
+class Settings(BaseSettings):
+    """Settings shared by the CLI, the watcher and the workers (env prefix ``JOYCAP_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="JOYCAP_", extra="ignore")
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = ""
+    data_dir: Path = Field(default_factory=default_data_dir)
+    queue: str = "joycap"
+
+    model: str = DEFAULT_MODEL
+    # Prompt vocabulary; empty means "follow the model" (alpha-two for an alpha checkpoint).
+    profile: Literal["", "alpha-two", "beta-one"] = ""
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    torch_threads: int = Field(default=0, ge=0)
+
+    temperature: float = Field(default=0.6, ge=0.0)
+    top_p: float | None = Field(default=0.9, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1, le=4096)
+    greedy: bool = False
+
+    concurrency: int = Field(default=4, ge=1, le=256)
+    max_attempts: int = Field(default=3, ge=1)
+    task_time_limit_s: int = Field(default=1800, ge=10)
+    # Redis re-delivers an unacknowledged message after this long; it must exceed the task time
+    # limit or a slow but healthy job gets captioned twice.
+    visibility_timeout_s: int = Field(default=7200, ge=20)
+    max_image_pixels: int = Field(default=178_956_970, ge=1)
+
+    @field_validator("top_p", "top_k", mode="before")
+    @classmethod
+    def _none_words(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                "visibility_timeout_s must be greater than task_time_limit_s, "
+                "or Redis re-delivers jobs that are still running"
+            )
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'joycap.db'}"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
+
+
+def settings_with(**overrides: object) -> Settings:
+    """The environment's settings with CLI options laid over them (``None`` means not given)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return get_settings()
+    return Settings(**given)  # type: ignore[arg-type]
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to print or log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, sep, _password = userinfo.partition(":")
+    if sep:
+        masked_userinfo = f"{user}:***"
+    elif user and parts.scheme.startswith("redis"):
+        # redis://secret@host: a lone userinfo is the password in Redis URLs.
+        masked_userinfo = "***"
+    else:
+        masked_userinfo = user
+    return urlunsplit(parts._replace(netloc=f"{masked_userinfo}@{hostport}"))
+
+
+def tiny_model_info(model: str) -> dict[str, object] | None:
+    """The marker of a folder built by ``joycap-queue model make-tiny`` (random weights), else None."""
+    marker = Path(model).expanduser() / TINY_MODEL_MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else {}
+
+
+def is_tiny_model(model: str) -> bool:
+    """True when ``model`` is a folder built by ``joycap-queue model make-tiny``."""
+    return tiny_model_info(model) is not None

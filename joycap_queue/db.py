@@ -1,0 +1,277 @@
+"""Engine, schema and the few writes that must be idempotent.
+
+Every state change of a job is one conditional UPDATE, so a redelivered message, a second worker
+holding the same job or a retried write can never give a job two captions or undo a result.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, func, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlmodel import Session, SQLModel, col, create_engine, select
+
+from joycap_queue.config import mask_url
+from joycap_queue.errors import OptionError, ServiceUnavailable
+from joycap_queue.models import Job, JobPublic, JobStatus, Submission, utcnow
+
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+
+
+def normalize_url(url: str) -> str:
+    """Accept the URLs people paste (``postgres://``, ``postgresql://``) and pick the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the CLI read while workers write; busy_timeout turns short lock waits into waits,
+    # not "database is locked" errors, when several worker processes share one file.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per database URL and process; the schema is created on first use."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _make_engine(url)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests, and processes about to fork)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def _make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise OptionError("database_url", f"malformed database URL: {mask_url(url)}") from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except NoSuchModuleError:
+        raise OptionError("database_url", f"unsupported database URL: {mask_url(url)}") from None
+    try:
+        SQLModel.metadata.create_all(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
+        raise ServiceUnavailable(f"cannot reach the database at {mask_url(url)}: {reason}") from None
+    return engine
+
+
+@dataclass
+class Claim:
+    """What a worker gets when it takes a job: the job to caption, or why it must not."""
+
+    job: JobPublic | None
+    reason: str = ""
+
+
+def create_submission(session: Session, *, source: Sequence[str], options: str, model: str) -> Submission:
+    submission = Submission(source=json.dumps(list(source)), options=options, model=model)
+    session.add(submission)
+    session.commit()
+    session.refresh(submission)
+    return submission
+
+
+def existing_jobs(session: Session, dedup_keys: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """dedup key → (job id, status) for the keys already in the database."""
+    keys = list(dedup_keys)
+    found: dict[str, tuple[int, str]] = {}
+    for start in range(0, len(keys), 500):
+        rows = session.exec(
+            select(Job.dedup_key, Job.id, Job.status).where(col(Job.dedup_key).in_(keys[start : start + 500]))
+        )
+        for key, job_id, status in rows:
+            assert job_id is not None
+            found[key] = (job_id, status)
+    return found
+
+
+def insert_jobs(session: Session, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Insert job rows, skipping any whose dedup key exists (another submitter won the race).
+
+    Returns dedup key → id for the rows this call inserted. The caller commits.
+    """
+    if not rows:
+        return {}
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    now = utcnow()
+    values = [{"queued_at": now, **row} for row in rows]
+    stmt = (
+        insert_fn(Job)
+        .on_conflict_do_nothing(index_elements=["dedup_key"])
+        .returning(col(Job.id), col(Job.dedup_key))
+    )
+    result = session.execute(stmt, values)
+    return {key: job_id for job_id, key in result}
+
+
+def reset_jobs(session: Session, job_ids: Sequence[int], *, submission_id: int | None) -> None:
+    """Put finished or failed jobs back to ``queued`` for ``--force``; the caller commits."""
+    for start in range(0, len(job_ids), 500):
+        session.execute(
+            update(Job)
+            .where(col(Job.id).in_(job_ids[start : start + 500]))
+            .values(
+                status=JobStatus.queued.value,
+                attempts=0,
+                error=None,
+                caption=None,
+                prompt_tokens=None,
+                output_tokens=None,
+                worker=None,
+                started_at=None,
+                finished_at=None,
+                queued_at=utcnow(),
+                submission_id=submission_id,
+            )
+        )
+
+
+def claim_job(engine: Engine, job_id: int, *, worker: str, max_attempts: int) -> Claim:
+    """Mark a job running and count the attempt; refuse jobs that are finished or out of attempts.
+
+    A message can arrive again after its worker died (``task_reject_on_worker_lost``); counting
+    attempts here, in the database, is what stops an image that kills its worker from looping.
+    """
+    with Session(engine) as session:
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+            .values(
+                status=JobStatus.running.value,
+                attempts=Job.attempts + 1,
+                started_at=utcnow(),
+                worker=worker,
+            )
+        )
+        session.commit()
+        job = session.get(Job, job_id)
+        if job is None:
+            return Claim(None, "no such job")
+        if result.rowcount == 0:  # type: ignore[attr-defined]
+            return Claim(None, f"job is already {job.status}")
+        if job.attempts > max_attempts:
+            reason = (
+                f"gave up after {max_attempts} attempts: the worker died or timed out each time it "
+                "captioned this image"
+            )
+            fail_job(engine, job_id, reason)
+            return Claim(None, reason)
+        return Claim(JobPublic.model_validate(job))
+
+
+def complete_job(
+    engine: Engine, job_id: int, *, caption: str, prompt_tokens: int | None, output_tokens: int | None
+) -> bool:
+    """Store the caption unless the job already has one; True when this call stored it."""
+    with Session(engine) as session:
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+            .values(
+                status=JobStatus.done.value,
+                caption=caption,
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+                error=None,
+                finished_at=utcnow(),
+            )
+        )
+        session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def fail_job(engine: Engine, job_id: int, reason: str) -> bool:
+    """Record a failure with its reason; a job that is already done keeps its caption."""
+    with Session(engine) as session:
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+            .values(status=JobStatus.failed.value, error=reason[:2000], finished_at=utcnow())
+        )
+        session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def status_counts(session: Session, *, submission_id: int | None = None) -> dict[str, int]:
+    query = select(Job.status, func.count()).group_by(Job.status)
+    if submission_id is not None:
+        query = query.where(Job.submission_id == submission_id)
+    counts = {status.value: 0 for status in JobStatus}
+    for status, count in session.exec(query):
+        counts[status] = count
+    return counts
+
+
+def finished_since(session: Session, since: datetime, *, submission_id: int | None = None) -> int:
+    query = select(func.count()).select_from(Job).where(col(Job.finished_at) >= since)
+    if submission_id is not None:
+        query = query.where(Job.submission_id == submission_id)
+    return int(session.exec(query).one())
+
+
+def rate_per_minute(session: Session, *, window: timedelta, submission_id: int | None = None) -> float:
+    done = finished_since(session, utcnow() - window, submission_id=submission_id)
+    return done / (window.total_seconds() / 60.0)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    states: Sequence[str] = (),
+    submission_id: int | None = None,
+    path_pattern: str | None = None,
+    limit: int | None = None,
+) -> list[JobPublic]:
+    query = select(Job).order_by(col(Job.id))
+    if states:
+        query = query.where(col(Job.status).in_(list(states)))
+    if submission_id is not None:
+        query = query.where(Job.submission_id == submission_id)
+    if path_pattern:
+        like = path_pattern.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
+        query = query.where(or_(col(Job.path).like(like, escape="\\"), col(Job.path) == path_pattern))
+    if limit is not None:
+        query = query.limit(limit)
+    return [JobPublic.model_validate(job) for job in session.exec(query)]
+
+
+def latest_submission_id(session: Session) -> int | None:
+    return session.exec(select(func.max(Submission.id))).one()

@@ -1,0 +1,136 @@
+"""Finding images, hashing their content and opening them safely.
+
+Light side: Pillow only. The submitter reads just the header (size, format); the worker opens the
+whole image through `open_image_rgb`, which is where every odd file becomes an RGB picture or a
+one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Transparent pixels are composited onto white: training sets usually show transparent
+# artwork (logos, stickers, cut-outs) on white, and black would read as a dark background.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """The file is not an image we can caption; the message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """A file found under a submitted path: an image candidate, or skipped for its extension."""
+
+    path: Path
+    is_image: bool
+
+
+def discover(paths: Iterable[str | Path], *, recursive: bool = True) -> Iterator[Discovered]:
+    """Walk files and folders; yield every regular file once, in a stable (sorted) order.
+
+    Symlinked folders are not followed, which also keeps a symlink loop from recursing forever.
+    """
+    seen: set[Path] = set()
+    for given in paths:
+        root = Path(given).expanduser()
+        walker = _walk(root, recursive=recursive) if root.is_dir() else iter([root])
+        for path in walker:
+            resolved = path.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            yield Discovered(resolved, resolved.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _walk(root: Path, *, recursive: bool) -> Iterator[Path]:
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if recursive:
+                    yield from _walk(Path(entry.path), recursive=recursive)
+            elif entry.is_file():
+                yield Path(entry.path)
+        except OSError:
+            continue
+
+
+def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> tuple[str, int]:
+    """SHA-256 of the content and its size in bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """Width and height from the header alone (no decoding); ImageError if it is no image."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"unreadable image: {exc}") from None
+
+
+def open_image_rgb(source: Path | IO[bytes], *, max_pixels: int) -> Image.Image:
+    """Decode the first frame, upright (EXIF orientation), as RGB; ImageError with the reason if not."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice its limit; we refuse at our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"image too large: {width}x{height} = {width * height} pixels "
+                        f"(limit {max_pixels}, JOYCAP_MAX_IMAGE_PIXELS)"
+                    )
+                image.seek(0)
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image) or image)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("file not found (moved or deleted after submit)") from None
+    except PermissionError:
+        raise ImageError("permission denied reading the file") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"broken image: {exc}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on `ALPHA_BACKGROUND`; 16-bit and CMYK modes converted."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+        image = image.point(lambda value: value / 256).convert("L")
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,242 @@
+"""`enqueue_images`: the one path by which images become jobs (submit, watch folders, datasets).
+
+Per image: hash the content, read the header, build the final prompt, derive the dedup key, then
+insert the job rows in batches, commit, and only then send their messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session
+
+from joycap_queue import db
+from joycap_queue.config import Settings
+from joycap_queue.images import Discovered, ImageError, discover, hash_file, probe_image
+from joycap_queue.models import JobStatus, utcnow
+from joycap_queue.prompts import CaptionOptions, WeightedPrompt, build_prompt, draw_prompt
+from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
+
+INSERT_BATCH = 500
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """Everything that decides a caption, apart from the image itself."""
+
+    profile: str
+    model: str
+    options: CaptionOptions = field(default_factory=CaptionOptions)
+    prompt_file: tuple[WeightedPrompt, ...] = ()
+    gen_params: dict[str, Any] = field(default_factory=dict)
+    prepend: str = ""
+    append: str = ""
+
+    def prompt_for(self, content_hash: str) -> str:
+        # A prompt file draws per image, seeded by the content, so re-submitting the same image
+        # draws the same prompt and is recognised as already done.
+        if self.prompt_file and not (self.options.custom_prompt or "").strip():
+            return draw_prompt(self.prompt_file, content_hash)
+        return build_prompt(self.profile, self.options)
+
+    def describe(self) -> dict[str, Any]:
+        described = asdict(self)
+        described["options"]["extra"] = list(self.options.extra)
+        described["prompt_file"] = [asdict(p) for p in self.prompt_file]
+        return described
+
+
+def dedup_key(content_hash: str, prompt: str, request: CaptionRequest) -> str:
+    material = json.dumps(
+        [
+            content_hash,
+            request.profile,
+            prompt,
+            request.model,
+            request.gen_params,
+            request.prepend,
+            request.append,
+        ],
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class EnqueueSummary:
+    submission_id: int | None = None
+    total: int = 0
+    queued: int = 0
+    already_done: int = 0
+    already_queued: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    job_ids: list[int] = field(default_factory=list)
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    row: dict[str, Any]
+    key: str
+
+
+def _job_row(path: Path, request: CaptionRequest) -> dict[str, Any]:
+    content_hash, size = hash_file(path)
+    prompt = request.prompt_for(content_hash)
+    options = request.options
+    custom = bool((options.custom_prompt or "").strip()) or bool(request.prompt_file)
+    row: dict[str, Any] = {
+        "path": str(path),
+        "content_hash": content_hash,
+        "size_bytes": size,
+        "profile": request.profile,
+        "caption_type": None if custom else options.caption_type,
+        "caption_length": None if custom else options.length,
+        "extra_options": json.dumps([] if custom else list(options.extra)),
+        "name": options.name,
+        "prompt": prompt,
+        "model": request.model,
+        "gen_params": json.dumps(request.gen_params, sort_keys=True),
+        "prepend": request.prepend,
+        "append": request.append,
+        "dedup_key": dedup_key(content_hash, prompt, request),
+        # Every row carries every key: one executemany insert needs the same columns per row.
+        "width": None,
+        "height": None,
+        "status": JobStatus.queued.value,
+        "error": None,
+        "finished_at": None,
+    }
+    try:
+        row["width"], row["height"] = probe_image(path)
+    except ImageError as exc:
+        row.update(status=JobStatus.failed.value, error=str(exc), finished_at=utcnow())
+    return row
+
+
+def enqueue_images(
+    paths: Iterable[str | Path],
+    request: CaptionRequest,
+    settings: Settings,
+    *,
+    force: bool = False,
+    recursive: bool = True,
+    source: Iterable[str] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_file: Callable[[Discovered], None] | None = None,
+) -> EnqueueSummary:
+    """Turn image files into queued jobs and send them; returns what happened to each file.
+
+    Files that are not images by extension are skipped; images whose header cannot be read are
+    recorded as failed jobs with the reason (failures are data). An image whose dedup key is known
+    is not queued again unless ``force``.
+    """
+    app = make_celery(settings)
+    ping_broker(app)
+    engine = db.get_engine(settings.effective_database_url)
+    summary = EnqueueSummary()
+    paths = list(paths)
+    with Session(engine) as session:
+        submission = db.create_submission(
+            session,
+            source=list(source) if source is not None else [str(p) for p in paths],
+            options=json.dumps(request.describe(), sort_keys=True),
+            model=request.model,
+        )
+        summary.submission_id = submission.id
+        pending: list[_Pending] = []
+        files = list(discover(paths, recursive=recursive))
+        if on_start is not None:
+            on_start(len(files))
+        for found in files:
+            summary.total += 1
+            if on_file is not None:
+                on_file(found)
+            if not found.is_image:
+                summary.skipped += 1
+                continue
+            try:
+                row = _job_row(found.path, request)
+            except OSError as exc:
+                summary.rejected += 1
+                summary.rejections.append((str(found.path), exc.strerror or str(exc)))
+                continue
+            row["submission_id"] = submission.id
+            pending.append(_Pending(row, row["dedup_key"]))
+            if len(pending) >= INSERT_BATCH:
+                _flush(session, app, settings, pending, summary, force=force)
+                pending = []
+        _flush(session, app, settings, pending, summary, force=force)
+        submission.total = summary.total
+        submission.queued = summary.queued
+        submission.already_done = summary.already_done
+        submission.already_queued = summary.already_queued
+        submission.skipped = summary.skipped
+        submission.rejected = summary.rejected
+        session.add(submission)
+        session.commit()
+    return summary
+
+
+def _flush(
+    session: Session,
+    app: Any,
+    settings: Settings,
+    pending: list[_Pending],
+    summary: EnqueueSummary,
+    *,
+    force: bool,
+) -> None:
+    if not pending:
+        return
+    # Two copies of one image in one batch share a key: keep the first.
+    unique: dict[str, _Pending] = {}
+    for item in pending:
+        if item.key in unique:
+            summary.already_queued += 1
+        else:
+            unique[item.key] = item
+    existing = db.existing_jobs(session, unique)
+    new_rows = [item.row for key, item in unique.items() if key not in existing]
+    inserted = db.insert_jobs(session, new_rows)
+    to_reset: list[int] = []
+    for key, item in unique.items():
+        if key in inserted:
+            if item.row.get("status") == JobStatus.failed.value:
+                summary.rejected += 1
+                summary.rejections.append((item.row["path"], item.row["error"]))
+            else:
+                summary.queued += 1
+                summary.job_ids.append(inserted[key])
+            continue
+        job_id, status = existing.get(key, (None, JobStatus.queued.value))
+        if force and job_id is not None and status in (JobStatus.done.value, JobStatus.failed.value):
+            to_reset.append(job_id)
+        elif status == JobStatus.done.value:
+            summary.already_done += 1
+        elif status == JobStatus.failed.value:
+            summary.rejected += 1
+            summary.rejections.append((item.row["path"], "failed before; use --force to try again"))
+        else:
+            summary.already_queued += 1
+    if to_reset:
+        db.reset_jobs(session, to_reset, submission_id=summary.submission_id)
+        summary.queued += len(to_reset)
+        summary.job_ids.extend(to_reset)
+    session.commit()
+    # Rows are committed first: if sending fails now, the jobs are still in the database as
+    # queued, and nothing a worker could receive is missing its row.
+    send_caption_jobs(app, [*inserted_ids(inserted, unique), *to_reset], queue=settings.queue)
+
+
+def inserted_ids(inserted: dict[str, int], unique: dict[str, _Pending]) -> list[int]:
+    return [
+        job_id for key, job_id in inserted.items() if unique[key].row.get("status") != JobStatus.failed.value
+    ]

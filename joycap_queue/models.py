@@ -1,0 +1,100 @@
+"""The database tables: one submission row per `submit`, one job row per image and request.
+
+The database, not Redis, is the source of truth: a job row exists (status ``queued``) before its
+message is sent, and its status, attempts and error say everything that happened to it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Column, Index, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class SubmissionBase(SQLModel):
+    source: str = Field(sa_column=Column(Text, nullable=False), description="what was submitted (JSON list)")
+    options: str = Field(sa_column=Column(Text, nullable=False), description="caption options (JSON)")
+    model: str
+    total: int = 0
+    queued: int = 0
+    already_done: int = 0
+    already_queued: int = 0
+    skipped: int = 0
+    rejected: int = 0
+
+
+class Submission(SubmissionBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class JobBase(SQLModel):
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    content_hash: str = Field(max_length=64, index=True)
+    size_bytes: int = 0
+    width: int | None = None
+    height: int | None = None
+
+    profile: str = Field(max_length=16)
+    caption_type: str | None = Field(default=None, max_length=64)
+    caption_length: str | None = Field(default=None, max_length=16)
+    extra_options: str = Field(default="[]", sa_column=Column(Text, nullable=False, default="[]"))
+    name: str | None = Field(default=None, sa_column=Column(Text))
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    model: str = Field(sa_column=Column(Text, nullable=False))
+    gen_params: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    prepend: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    append: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+    status: str = Field(default=JobStatus.queued.value, max_length=16, index=True)
+    attempts: int = 0
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    caption: str | None = Field(default=None, sa_column=Column(Text))
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    worker: str | None = Field(default=None, max_length=255)
+
+    queued_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = Field(default=None, index=True)
+
+
+class Job(JobBase, table=True):
+    __table_args__ = (Index("ix_job_submission_status", "submission_id", "status"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    submission_id: int | None = Field(default=None, foreign_key="submission.id", index=True)
+    # content hash + final prompt + model + generation parameters: one caption per request.
+    dedup_key: str = Field(max_length=64, unique=True)
+
+
+class JobPublic(JobBase):
+    """A job as the CLI shows and exports it."""
+
+    id: int
+    submission_id: int | None
+    dedup_key: str
+
+    def extra_option_list(self) -> list[int]:
+        return list(json.loads(self.extra_options or "[]"))
+
+    def to_record(self) -> dict[str, Any]:
+        record = self.model_dump(mode="json")
+        record["extra_options"] = self.extra_option_list()
+        record["gen_params"] = json.loads(self.gen_params or "{}")
+        return record

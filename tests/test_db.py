@@ -1,0 +1,124 @@
+"""The idempotent writes, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlmodel import Session
+
+from joycap_queue import db
+from joycap_queue.errors import OptionError, ServiceUnavailable
+from joycap_queue.models import Job
+
+
+def row(key: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "path": f"/images/{key}.jpg",
+        "content_hash": key.ljust(64, "0"),
+        "profile": "beta-one",
+        "prompt": "Write a long detailed description for this image.",
+        "model": "m",
+        "dedup_key": key,
+        **extra,
+    }
+
+
+def insert(url: str, *keys: str) -> dict[str, int]:
+    with Session(db.get_engine(url)) as session:
+        inserted = db.insert_jobs(session, [row(k) for k in keys])
+        session.commit()
+    return inserted
+
+
+def test_insert_skips_known_dedup_keys(database_url: str) -> None:
+    first = insert(database_url, "a", "b")
+    assert set(first) == {"a", "b"}
+    second = insert(database_url, "b", "c")
+    assert set(second) == {"c"}
+    with Session(db.get_engine(database_url)) as session:
+        assert db.existing_jobs(session, ["a", "c", "zzz"]) == {
+            "a": (first["a"], "queued"),
+            "c": (second["c"], "queued"),
+        }
+        assert db.status_counts(session)["queued"] == 3
+
+
+def test_claim_complete_is_idempotent(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    claim = db.claim_job(engine, job_id, worker="w1", max_attempts=3)
+    assert claim.job is not None and claim.job.attempts == 1 and claim.job.status == "running"
+    assert db.complete_job(engine, job_id, caption="first", prompt_tokens=800, output_tokens=5)
+    # A redelivered message finds the job done: no second claim, no second caption.
+    assert db.claim_job(engine, job_id, worker="w2", max_attempts=3).job is None
+    assert not db.complete_job(engine, job_id, caption="second", prompt_tokens=1, output_tokens=1)
+    assert not db.fail_job(engine, job_id, "late failure")
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.caption, job.error, job.worker) == ("done", "first", None, "w1")
+
+
+def test_attempts_are_counted_and_capped(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    for attempt in (1, 2):
+        claim = db.claim_job(engine, job_id, worker="w", max_attempts=2)
+        assert claim.job is not None and claim.job.attempts == attempt
+    claim = db.claim_job(engine, job_id, worker="w", max_attempts=2)
+    assert claim.job is None and "gave up after 2 attempts" in claim.reason
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "failed" and job.attempts == 3
+
+
+def test_concurrent_completions_store_one_caption(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    db.claim_job(engine, job_id, worker="w", max_attempts=3)
+    stored: list[bool] = []
+
+    def complete(text: str) -> None:
+        stored.append(db.complete_job(engine, job_id, caption=text, prompt_tokens=1, output_tokens=1))
+
+    threads = [threading.Thread(target=complete, args=(f"caption {i}",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert stored.count(True) == 1
+
+
+def test_reset_puts_jobs_back(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    db.claim_job(engine, job_id, worker="w", max_attempts=3)
+    db.complete_job(engine, job_id, caption="x", prompt_tokens=1, output_tokens=1)
+    with Session(engine) as session:
+        db.reset_jobs(session, [job_id], submission_id=None)
+        session.commit()
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.caption, job.attempts, job.finished_at) == ("queued", None, 0, None)
+
+
+def test_list_jobs_filters(database_url: str) -> None:
+    insert(database_url, "cat1", "dog1", "cat2")
+    engine = db.get_engine(database_url)
+    with Session(engine) as session:
+        assert [j.path for j in db.list_jobs(session, path_pattern="*/cat*")] == [
+            "/images/cat1.jpg",
+            "/images/cat2.jpg",
+        ]
+        assert len(db.list_jobs(session, states=["done"])) == 0
+        assert len(db.list_jobs(session, limit=2)) == 2
+
+
+def test_bad_database_urls_are_one_line_errors(tmp_path: Any) -> None:
+    with pytest.raises(OptionError, match="malformed database URL"):
+        db.get_engine("not a url")
+    with pytest.raises(ServiceUnavailable) as info:
+        db.get_engine("postgresql://joy:hunter2@127.0.0.1:1/nothing")
+    assert "hunter2" not in str(info.value) and "cannot reach the database" in str(info.value)
