@@ -1,0 +1,3 @@
+from joycap_queue.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""`joycap-queue`: the command line. Commands are thin; the work happens in the modules they call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from joycap_queue import __version__
+from joycap_queue.errors import JoycapError, OptionError
+
+HELP = """Caption large image collections with JoyCaption through a Redis job queue.
+
+\b
+  joycap-queue worker                       # on each GPU machine
+  joycap-queue submit photos/ -t Descriptive -l long
+  joycap-queue status --watch
+  joycap-queue results --jsonl > captions.jsonl
+"""
+
+
+class JoycapGroup(click.Group):
+    """Turns the errors a user can fix into one line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OptionError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'--{exc.field.replace('_', '-')}'") from None
+        except JoycapError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
+
+
+@click.group(cls=JoycapGroup, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="joycap-queue")
+def cli() -> None:
+    pass
+
+
+def _register() -> None:
+    from joycap_queue.cli import inspect, prompt, run, submit
+
+    for module in (submit, inspect, prompt, run):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="joycap-queue")

@@ -1,0 +1,151 @@
+"""`status` and `results`: what the database says about the jobs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import click
+from sqlmodel import Session
+
+from joycap_queue import db
+from joycap_queue.cli.options import build_settings, connection_options, tiny_model_notice
+from joycap_queue.cli.output import printable, table
+from joycap_queue.models import JobStatus
+
+RATE_WINDOW = timedelta(minutes=5)
+STATES = [status.value for status in JobStatus]
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def status_report(session: Session, submission_id: int | None) -> tuple[str, dict[str, int]]:
+    counts = db.status_counts(session, submission_id=submission_id)
+    total = sum(counts.values())
+    rate = db.rate_per_minute(session, window=RATE_WINDOW, submission_id=submission_id)
+    remaining = counts["queued"] + counts["running"]
+    scope = f"submission {submission_id}" if submission_id is not None else "all jobs"
+    lines = [
+        f"{scope}: " + ", ".join(f"{state} {counts[state]}" for state in STATES) + f" (total {total})",
+        f"rate: {rate:.1f} images/min over the last {int(RATE_WINDOW.total_seconds() // 60)} min",
+    ]
+    if remaining and rate > 0:
+        lines.append(f"eta: {_format_eta(remaining / rate * 60)} for {remaining} images")
+    elif remaining:
+        lines.append(f"eta: unknown ({remaining} images waiting, nothing finished recently)")
+    return "\n".join(lines), counts
+
+
+@click.command()
+@click.option("--submission", "submission_id", type=int, help="Only this submission (see `submit`'s output).")
+@click.option("--latest", is_flag=True, help="Only the latest submission.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--until-done", is_flag=True, help="With --watch: stop once nothing is queued or running.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Seconds.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), help="With --until-done: give up (exit 1) after this."
+)
+@connection_options
+def status(
+    submission_id: int | None,
+    latest: bool,
+    watch: bool,
+    until_done: bool,
+    interval: float,
+    timeout: float | None,
+    **params: Any,
+) -> None:
+    """Show job counts by state, images per minute and the time left.
+
+    \b
+    Examples:
+      joycap-queue status
+      joycap-queue status --latest --watch --until-done
+    """
+    settings = build_settings(params)
+    tiny_model_notice(settings.model)
+    engine = db.get_engine(settings.effective_database_url)
+    started = time.monotonic()
+    with Session(engine) as session:
+        if latest:
+            submission_id = db.latest_submission_id(session)
+    while True:
+        with Session(engine) as session:
+            report, counts = status_report(session, submission_id)
+        if watch and sys.stdout.isatty():
+            click.clear()
+        click.echo(report)
+        if not watch:
+            return
+        if until_done and counts["queued"] + counts["running"] == 0:
+            return
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise click.ClickException(f"still not done after {timeout:g} s")
+        time.sleep(interval)
+        if not sys.stdout.isatty():
+            click.echo("")
+
+
+@click.command()
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--submission", "submission_id", type=int, help="Only this submission.")
+@click.option("--path", "path_pattern", help="Only paths matching this glob (* and ?), e.g. '*/cats/*'.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array with every field.")
+@click.option("--jsonl", "as_jsonl", is_flag=True, help="One JSON object per line with every field.")
+@click.option("--full", is_flag=True, help="Show whole captions instead of a table.")
+@connection_options
+def results(
+    states: tuple[str, ...],
+    submission_id: int | None,
+    path_pattern: str | None,
+    limit: int | None,
+    as_json: bool,
+    as_jsonl: bool,
+    full: bool,
+    **params: Any,
+) -> None:
+    """List jobs with their captions or failure reasons.
+
+    \b
+    Examples:
+      joycap-queue results --state done --path '*/cats/*'
+      joycap-queue results --state failed
+      joycap-queue results --submission 3 --jsonl > captions.jsonl
+    """
+    settings = build_settings(params)
+    engine = db.get_engine(settings.effective_database_url)
+    with Session(engine) as session:
+        jobs = db.list_jobs(
+            session, states=states, submission_id=submission_id, path_pattern=path_pattern, limit=limit
+        )
+    for model in sorted({job.model for job in jobs}):
+        tiny_model_notice(model)
+    if as_json:
+        click.echo(json.dumps([job.to_record() for job in jobs], indent=2, ensure_ascii=False))
+    elif as_jsonl:
+        for job in jobs:
+            click.echo(json.dumps(job.to_record(), ensure_ascii=False))
+    elif full:
+        for job in jobs:
+            click.echo(f"== {job.id} {job.status} {printable(job.path, one_line=True)}")
+            click.echo(printable(job.caption if job.status == "done" else job.error))
+    else:
+        rows = [
+            (job.id, job.status, job.path, job.caption if job.status == "done" else (job.error or ""))
+            for job in jobs
+        ]
+        click.echo(table(("id", "state", "path", "caption / error"), rows))
+        if not jobs:
+            click.echo("no jobs match", err=True)
+
+
+COMMANDS = [status, results]

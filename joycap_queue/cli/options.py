@@ -1,0 +1,263 @@
+"""Options shared by several commands, and turning them into Settings and a CaptionRequest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from joycap_queue import prompts
+from joycap_queue.config import Settings, is_tiny_model, settings_with, tiny_model_info
+from joycap_queue.errors import OptionError
+from joycap_queue.intake import CaptionRequest
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONNECTION_SETTINGS = ("broker_url", "database_url")
+MODEL_SETTINGS = ("model", "profile", "device", "dtype", "torch_threads")
+GENERATION_SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "greedy")
+
+
+def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def connection_options(func: F) -> F:
+    return _apply(
+        func,
+        [
+            click.option(
+                "--broker-url",
+                envvar="JOYCAP_BROKER_URL",
+                show_envvar=True,
+                help="Redis URL of the queue [default: redis://127.0.0.1:6379/0].",
+            ),
+            click.option(
+                "--database-url",
+                envvar="JOYCAP_DATABASE_URL",
+                show_envvar=True,
+                help="SQLAlchemy URL of the results database [default: SQLite file in the data dir].",
+            ),
+        ],
+    )
+
+
+def model_options(func: F) -> F:
+    return _apply(
+        func,
+        [
+            click.option(
+                "--model",
+                envvar="JOYCAP_MODEL",
+                show_envvar=True,
+                help="Hugging Face id or local folder of a JoyCaption LLaVA checkpoint "
+                "[default: fancyfeast/llama-joycaption-beta-one-hf-llava].",
+            ),
+            click.option(
+                "--profile",
+                envvar="JOYCAP_PROFILE",
+                show_envvar=True,
+                type=click.Choice(prompts.PROFILES),
+                help="Prompt vocabulary [default: follows the model: alpha-two for an alpha checkpoint].",
+            ),
+        ],
+    )
+
+
+def device_options(func: F) -> F:
+    return _apply(
+        func,
+        [
+            click.option(
+                "--device", envvar="JOYCAP_DEVICE", show_envvar=True, help="auto, cpu, cuda, cuda:1 …"
+            ),
+            click.option(
+                "--dtype",
+                envvar="JOYCAP_DTYPE",
+                show_envvar=True,
+                type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+                help="Model dtype [default: bfloat16 on CUDA, float32 on CPU].",
+            ),
+        ],
+    )
+
+
+def caption_options(func: F) -> F:
+    return _apply(
+        func,
+        [
+            click.option(
+                "--caption-type",
+                "-t",
+                default=prompts.DEFAULT_CAPTION_TYPE,
+                show_default=True,
+                help="Caption type, e.g. Descriptive, 'Straightforward', 'Booru-like tag list' (see `prompt --list`).",
+            ),
+            click.option(
+                "--length",
+                "-l",
+                default=prompts.DEFAULT_LENGTH,
+                show_default=True,
+                help="any, very short, short, medium-length, long, very long, or 20..260 words in steps of 10.",
+            ),
+            click.option(
+                "--extra",
+                "-e",
+                "extra",
+                multiple=True,
+                help="Extra options by index or key, upstream style: --extra 0 1 8 or --extra lighting.",
+            ),
+            click.option("--name", help="Name for the person/character option (extra option 0 / 'name')."),
+            click.option(
+                "--prompt", "-p", "custom_prompt", help="A custom prompt; overrides type, length and extras."
+            ),
+            click.option(
+                "--prompt-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="JSON list of prompts (strings or {prompt, weight}); one is drawn per image.",
+            ),
+            click.option("--prepend", default="", help="Text put before every caption (a trigger word …)."),
+            click.option("--append", default="", help="Text put after every caption."),
+        ],
+    )
+
+
+def generation_options(func: F) -> F:
+    return _apply(
+        func,
+        [
+            click.option("--temperature", type=float, envvar="JOYCAP_TEMPERATURE", help="[default: 0.6]"),
+            click.option(
+                "--top-p", type=str, envvar="JOYCAP_TOP_P", help="[default: 0.9; 'none' turns it off]"
+            ),
+            click.option("--top-k", type=str, envvar="JOYCAP_TOP_K", help="[default: off]"),
+            click.option("--max-new-tokens", type=int, envvar="JOYCAP_MAX_NEW_TOKENS", help="[default: 256]"),
+            click.option(
+                "--greedy/--sample",
+                default=None,
+                envvar="JOYCAP_GREEDY",
+                help="Greedy decoding [default: sample].",
+            ),
+        ],
+    )
+
+
+def build_settings(params: dict[str, Any]) -> Settings:
+    """Settings from the environment with the command's options on top; one clear line if invalid."""
+    names = (
+        *CONNECTION_SETTINGS,
+        *MODEL_SETTINGS,
+        *GENERATION_SETTINGS,
+        "concurrency",
+        "max_attempts",
+        "queue",
+    )
+    overrides = {name: params.get(name) for name in names}
+    model = overrides.get("model")
+    if isinstance(model, str):
+        overrides["model"] = normalize_model(model)
+    try:
+        settings = settings_with(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        raise click.BadParameter(error["msg"], param_hint=f"'--{field.replace('_', '-')}'") from None
+    if settings.model != normalize_model(settings.model):
+        settings = settings.model_copy(update={"model": normalize_model(settings.model)})
+    return settings
+
+
+def normalize_model(model: str) -> str:
+    """A local checkpoint folder as an absolute path, so submitter and worker name it alike."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return model
+
+
+def profile_of(settings: Settings) -> str:
+    if settings.profile:
+        return settings.profile
+    tiny = tiny_model_info(settings.model)
+    if tiny is not None:
+        return prompts.resolve_profile(str(tiny.get("profile", "beta-one")))
+    return prompts.profile_for_model(settings.model)
+
+
+def generation_params(settings: Settings) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "greedy": settings.greedy,
+    }
+    if not settings.greedy:
+        params.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return params
+
+
+def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
+    """The CaptionRequest for a command's caption options; OptionError names the bad option."""
+    profile = profile_of(settings)
+    options = prompts.CaptionOptions(
+        caption_type=prompts.resolve_caption_type(profile, params["caption_type"]),
+        length=prompts.resolve_length(params["length"]),
+        extra=prompts.resolve_extra(profile, params.get("extra") or ()),
+        name=params.get("name"),
+        custom_prompt=params.get("custom_prompt"),
+    )
+    prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
+    if params.get("prompt_file") is not None:
+        if options.custom_prompt:
+            raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
+        prompt_file = tuple(prompts.parse_prompt_file(params["prompt_file"]))
+    else:
+        prompts.build_prompt(profile, options)  # validates the name option before anything is queued
+    return CaptionRequest(
+        profile=profile,
+        model=settings.model,
+        options=options,
+        prompt_file=prompt_file,
+        gen_params=generation_params(settings),
+        prepend=params.get("prepend") or "",
+        append=params.get("append") or "",
+    )
+
+
+def tiny_model_notice(model: str) -> None:
+    if is_tiny_model(model):
+        click.secho(
+            f"note: {model} is the tiny random-weight test model: its captions are random text.",
+            fg="yellow",
+            err=True,
+        )
+
+
+class ExtraGreedyCommand(click.Command):
+    """Lets ``--extra 0 1 8`` take several values, as upstream's ``--extra_options 0 1 8`` does.
+
+    Click options take one value each, so the values after ``--extra`` that look like option
+    indices or keys are rewritten into repeated ``--extra`` options before parsing.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        keys = set(prompts.EXTRA_OPTION_KEYS)
+        rewritten: list[str] = []
+        greedy = False
+        for arg in args:
+            if arg in ("--extra", "-e"):
+                greedy = True
+                rewritten.append(arg)
+                continue
+            if greedy and rewritten[-1] not in ("--extra", "-e") and (arg.isdigit() or arg in keys):
+                rewritten.extend(["--extra", arg])
+                continue
+            if greedy and rewritten[-1] in ("--extra", "-e"):
+                rewritten.append(arg)
+                continue
+            greedy = False
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)

@@ -1,0 +1,80 @@
+"""`submit`: images and folders in, queued jobs out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from joycap_queue.cli.options import (
+    ExtraGreedyCommand,
+    build_request,
+    build_settings,
+    caption_options,
+    connection_options,
+    generation_options,
+    model_options,
+    tiny_model_notice,
+)
+from joycap_queue.cli.output import progress
+from joycap_queue.images import Discovered
+from joycap_queue.intake import enqueue_images
+
+MAX_LISTED_REJECTIONS = 10
+
+
+@click.command(cls=ExtraGreedyCommand)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
+@click.option("--force", is_flag=True, help="Queue again images that are already done or failed.")
+@caption_options
+@generation_options
+@model_options
+@connection_options
+def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any) -> None:
+    """Queue caption jobs for image files and folders.
+
+    Finds jpg, jpeg, png, webp, bmp, gif and tiff files (recursively by default); other files are
+    counted as skipped. An image already captioned with the same prompt, model and settings is
+    not queued again unless --force.
+
+    \b
+    Examples:
+      joycap-queue submit photos/
+      joycap-queue submit photos/ -t "Booru-like tag list" -l medium-length --extra 0 1 8 --name Alice
+      joycap-queue submit a.jpg b.png --prompt-file prompts.json --prepend "ohwx, "
+    """
+    settings = build_settings(params)
+    request = build_request(settings, params)
+    tiny_model_notice(settings.model)
+    with progress(0, "submitting") as bar:
+
+        def started(total: int) -> None:
+            bar.length = total
+
+        def advanced(_found: Discovered) -> None:
+            bar.update(1)
+
+        summary = enqueue_images(
+            paths,
+            request,
+            settings,
+            force=force,
+            recursive=recursive,
+            on_start=started,
+            on_file=advanced,
+        )
+    click.echo(
+        f"submission {summary.submission_id}: queued {summary.queued}, already done {summary.already_done}, "
+        f"already queued {summary.already_queued}, skipped {summary.skipped}, rejected {summary.rejected} "
+        f"({summary.total} files)"
+    )
+    for path, reason in summary.rejections[:MAX_LISTED_REJECTIONS]:
+        click.echo(f"  rejected {path}: {reason}", err=True)
+    if len(summary.rejections) > MAX_LISTED_REJECTIONS:
+        more = len(summary.rejections) - MAX_LISTED_REJECTIONS
+        click.echo(f"  … and {more} more (joycap-queue results --state failed)", err=True)
+
+
+COMMANDS = [submit]
