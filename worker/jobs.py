@@ -1,0 +1,101 @@
+"""One caption job from its id to its database row: claim, read, caption, store.
+
+Every way a job can go wrong ends here as a failed row with a one-line reason; nothing escapes
+to the worker, so one bad image never takes the worker or its batchmates down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.engine import Engine
+
+from joycap_queue import db
+from joycap_queue.config import Settings
+from joycap_queue.images import ImageError, open_image_rgb
+from joycap_queue.models import JobPublic
+from joycap_queue.prompts import system_prompt
+from worker.captioner import Captioner, CaptionInput, GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutcome:
+    job_id: int
+    status: str
+    detail: str = ""
+
+
+def read_checked(job: JobPublic) -> bytes:
+    """The file's bytes, provided they are still the bytes that were submitted."""
+    try:
+        data = Path(job.path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError("file not found (moved or deleted after submit)") from None
+    except PermissionError:
+        raise ImageError("permission denied reading the file") from None
+    except IsADirectoryError:
+        raise ImageError("path is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != job.content_hash:
+        raise ImageError("file changed after submit (content differs); submit it again")
+    return data
+
+
+def run_caption_job(
+    job_id: int, *, engine: Engine, captioner: Captioner, settings: Settings, worker_name: str
+) -> JobOutcome:
+    claim = db.claim_job(engine, job_id, worker=worker_name, max_attempts=settings.max_attempts)
+    if claim.job is None:
+        log.info("job %s skipped: %s", job_id, claim.reason)
+        return JobOutcome(job_id, "skipped", claim.reason)
+    job = claim.job
+    started = time.monotonic()
+    try:
+        if job.model != captioner.model_id:
+            raise ImageError(
+                f"job asks for model {job.model} but this worker runs {captioner.model_id}; "
+                "start a worker with that JOYCAP_MODEL"
+            )
+        data = read_checked(job)
+        image = open_image_rgb(io.BytesIO(data), max_pixels=settings.max_image_pixels)
+        params = GenerationParams(**json.loads(job.gen_params or "{}"))
+        [output] = captioner.caption(
+            [CaptionInput(image=image, prompt=job.prompt, system_prompt=system_prompt(job.profile))], params
+        )
+    except ImageError as exc:
+        return _failed(engine, job_id, str(exc))
+    except SoftTimeLimitExceeded:
+        return _failed(engine, job_id, f"timed out after {settings.task_time_limit_s} s")
+    except Exception as exc:  # noqa: BLE001 - a job failure is data; the worker must keep going
+        log.exception("job %s: captioning failed", job_id)
+        return _failed(engine, job_id, f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    caption = job.prepend + output.caption + job.append
+    stored = db.complete_job(
+        engine,
+        job_id,
+        caption=caption,
+        prompt_tokens=output.prompt_tokens,
+        output_tokens=output.output_tokens,
+    )
+    elapsed = time.monotonic() - started
+    if not stored:
+        log.info("job %s already finished elsewhere; caption discarded", job_id)
+        return JobOutcome(job_id, "skipped", "already finished")
+    log.info("job %s done in %.2fs (%d tokens)", job_id, elapsed, output.output_tokens)
+    return JobOutcome(job_id, "done")
+
+
+def _failed(engine: Engine, job_id: int, reason: str) -> JobOutcome:
+    log.warning("job %s failed: %s", job_id, reason)
+    db.fail_job(engine, job_id, reason)
+    return JobOutcome(job_id, "failed", reason)

@@ -1,0 +1,34 @@
+"""The Celery task: a thin shell that hands a job id to `run_caption_job`."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from celery import Task
+
+from joycap_queue import db
+from joycap_queue.config import get_settings
+from joycap_queue.queue import CAPTION_TASK
+from worker.app import app
+from worker.jobs import run_caption_job
+from worker.runtime import get_captioner
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=CAPTION_TASK, bind=True, ignore_result=True)
+def caption(self: Task, job_id: object) -> str:
+    if isinstance(job_id, bool) or not isinstance(job_id, int):
+        # A message we did not write: reject it (acknowledged, logged), never crash on it.
+        log.error("rejected malformed %s message: job id %r is not an integer", CAPTION_TASK, job_id)
+        return "rejected"
+    settings = get_settings()
+    outcome = run_caption_job(
+        job_id,
+        engine=db.get_engine(settings.effective_database_url),
+        captioner=get_captioner(settings),
+        settings=settings,
+        worker_name=self.request.hostname or socket.gethostname(),
+    )
+    return outcome.status
