@@ -10,7 +10,7 @@ import json
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -240,16 +240,28 @@ def status_counts(session: Session, *, submission_id: int | None = None) -> dict
     return counts
 
 
-def finished_since(session: Session, since: datetime, *, submission_id: int | None = None) -> int:
-    query = select(func.count()).select_from(Job).where(col(Job.finished_at) >= since)
+def rate_per_minute(session: Session, *, window: timedelta, submission_id: int | None = None) -> float:
+    """Images finished per minute, over the last ``window`` or since the first of them started.
+
+    Measuring from the earliest start keeps a short run (a demo, the first minutes of a big
+    one) from reading as slow just because the window is mostly empty.
+    """
+    now = utcnow()
+    query = (
+        select(func.count(), func.min(Job.started_at))
+        .select_from(Job)
+        .where(col(Job.finished_at) >= now - window, col(Job.status) == JobStatus.done.value)
+    )
     if submission_id is not None:
         query = query.where(Job.submission_id == submission_id)
-    return int(session.exec(query).one())
-
-
-def rate_per_minute(session: Session, *, window: timedelta, submission_id: int | None = None) -> float:
-    done = finished_since(session, utcnow() - window, submission_id=submission_id)
-    return done / (window.total_seconds() / 60.0)
+    done, first_start = session.exec(query).one()
+    if not done:
+        return 0.0
+    if first_start is not None and first_start.tzinfo is None:
+        first_start = first_start.replace(tzinfo=now.tzinfo)
+    start = max(first_start or now - window, now - window)
+    seconds = max((now - start).total_seconds(), 1.0)
+    return float(done) / seconds * 60.0
 
 
 def list_jobs(

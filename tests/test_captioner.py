@@ -315,3 +315,11 @@ def test_decode_trims_like_upstream(captioner: Captioner) -> None:
         output = captioner._decode(generated, prompt_tokens=len(prompt))
         assert output.caption == expected
         assert output.output_tokens == (generated.index(eot) + 1 if eot in generated else len(generated))
+
+
+def test_decode_drops_nul_characters(captioner: Captioner) -> None:
+    # Random weights emit NUL now and then; PostgreSQL refuses it in a text column.
+    tokenizer = captioner.tokenizer
+    generated = tokenizer.encode(" red\x00 square", add_special_tokens=False)
+    assert "\x00" in tokenizer.decode(generated)
+    assert captioner._decode(generated, prompt_tokens=0).caption == "red square"

@@ -80,6 +80,7 @@ def test_submit_folder_end_to_end(
 
     status = service.cli("status")
     assert "done 20" in status.stdout
+    assert "rate: 0.0" not in status.stdout
     assert "random text" in status.stderr
 
 

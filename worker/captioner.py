@@ -296,4 +296,6 @@ class Captioner:
         if self._end_header_id in reply:
             reply = reply[len(reply) - reply[::-1].index(self._end_header_id) :]
         text = self._tokenizer.decode(reply, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return CaptionOutput(caption=text.strip(), prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+        # NUL is never part of a caption, and PostgreSQL text columns refuse it outright.
+        text = text.replace("\x00", "").strip()
+        return CaptionOutput(caption=text, prompt_tokens=prompt_tokens, output_tokens=output_tokens)

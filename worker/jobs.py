@@ -16,6 +16,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from joycap_queue import db
 from joycap_queue.config import Settings
@@ -80,13 +81,18 @@ def run_caption_job(
         log.exception("job %s: captioning failed", job_id)
         return _failed(engine, job_id, f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0])
     caption = job.prepend + output.caption + job.append
-    stored = db.complete_job(
-        engine,
-        job_id,
-        caption=caption,
-        prompt_tokens=output.prompt_tokens,
-        output_tokens=output.output_tokens,
-    )
+    try:
+        stored = db.complete_job(
+            engine,
+            job_id,
+            caption=caption,
+            prompt_tokens=output.prompt_tokens,
+            output_tokens=output.output_tokens,
+        )
+    except (DataError, IntegrityError) as exc:
+        # The database refuses this value for good; retrying cannot help, so the job fails.
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        return _failed(engine, job_id, f"could not store the caption: {reason}")
     elapsed = time.monotonic() - started
     if not stored:
         log.info("job %s already finished elsewhere; caption discarded", job_id)

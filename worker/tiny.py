@@ -223,4 +223,7 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, profile: str = "beta
         "note": "captions from this model are random text",
     }
     (out / TINY_MODEL_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    # safetensors writes 0600; a worker running as another user (a container) must read it.
+    for path in out.iterdir():
+        path.chmod(0o644)
     return out
