@@ -108,16 +108,36 @@ def open_image_rgb(source: Path | IO[bytes], *, max_pixels: int) -> Image.Image:
                 return to_rgb(ImageOps.exif_transpose(image) or image)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("file not found (moved or deleted after submit)") from None
-    except PermissionError:
-        raise ImageError("permission denied reading the file") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise ImageError(file_error_reason(exc)) from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"broken image: {exc}") from None
+
+
+def file_error_reason(exc: OSError) -> str:
+    """The one-line reason for a file that cannot be read."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (moved or deleted after submit)"
+    if isinstance(exc, PermissionError):
+        return "permission denied reading the file"
+    if isinstance(exc, IsADirectoryError):
+        return "path is a directory, not an image"
+    return f"cannot read file: {exc.strerror or exc}"
+
+
+def read_verified(path: Path, content_hash: str) -> bytes:
+    """The file's bytes, provided they are still the bytes that were submitted."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(file_error_reason(exc)) from None
+    if hashlib.sha256(data).hexdigest() != content_hash:
+        raise ImageError("file changed after submit (content differs); submit it again")
+    return data
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -23,6 +23,7 @@ from joycap_queue.prompts import CaptionOptions, WeightedPrompt, build_prompt, d
 from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
 
 INSERT_BATCH = 500
+SUBMISSION_COUNTS = ("total", "queued", "already_done", "already_queued", "skipped", "rejected")
 
 
 @dataclass(frozen=True)
@@ -174,12 +175,8 @@ def enqueue_images(
                 _flush(session, app, settings, pending, summary, force=force)
                 pending = []
         _flush(session, app, settings, pending, summary, force=force)
-        submission.total = summary.total
-        submission.queued = summary.queued
-        submission.already_done = summary.already_done
-        submission.already_queued = summary.already_queued
-        submission.skipped = summary.skipped
-        submission.rejected = summary.rejected
+        counts = asdict(summary)
+        submission.sqlmodel_update({name: counts[name] for name in SUBMISSION_COUNTS})
         session.add(submission)
         session.commit()
     return summary

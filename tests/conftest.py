@@ -25,7 +25,8 @@ from sqlalchemy import create_engine, text
 from joycap_queue import db
 from joycap_queue.services import RedisServer, start_redis
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Read when huggingface_hub is first imported, so set before any test module imports transformers.
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 PG_BASE_URL = os.environ.get("JOYCAP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from worker.captioner import (  # noqa: E402
+from worker.captioner import (
     Captioner,
     CaptionInput,
     GenerationParams,
@@ -23,7 +18,7 @@ from worker.captioner import (  # noqa: E402
     resolve_device,
     resolve_dtype,
 )
-from worker.tiny import BOS, EOT, IMAGE_TOKEN, build_tiny_model  # noqa: E402
+from worker.tiny import BOS, EOT, IMAGE_TOKEN, build_tiny_model
 
 SYSTEM = "You are a helpful image captioner."
 GREEDY = GenerationParams(greedy=True, max_new_tokens=12)

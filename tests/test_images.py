@@ -112,3 +112,19 @@ def test_failures_are_one_line_reasons(tmp_path: Path) -> None:
             open_image_rgb(path, max_pixels=300 * 299)
         assert reason in str(info.value)
         assert "\n" not in str(info.value)
+
+
+def test_read_verified_refuses_changed_or_missing_files(tmp_path: Path) -> None:
+    from joycap_queue.images import read_verified
+
+    path = save(Image.new("RGB", (4, 4), "red"), tmp_path / "x.png", "PNG")
+    digest, _ = hash_file(path)
+    assert read_verified(path, digest) == path.read_bytes()
+    save(Image.new("RGB", (4, 4), "blue"), path, "PNG")
+    with pytest.raises(ImageError, match="file changed after submit"):
+        read_verified(path, digest)
+    path.unlink()
+    with pytest.raises(ImageError, match="file not found"):
+        read_verified(path, digest)
+    with pytest.raises(ImageError, match="is a directory"):
+        read_verified(tmp_path, digest)

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration  # noqa: E402
-
-from joycap_queue.config import TINY_MODEL_MARKER, is_tiny_model  # noqa: E402
-from worker.tiny import (  # noqa: E402
+from joycap_queue.config import TINY_MODEL_MARKER, is_tiny_model
+from worker.tiny import (
     BOS,
     END_OF_TEXT,
     EOT,

@@ -6,7 +6,6 @@ to the worker, so one bad image never takes the worker or its batchmates down.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -20,8 +19,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from joycap_queue import db
 from joycap_queue.config import Settings
-from joycap_queue.images import ImageError, open_image_rgb
-from joycap_queue.models import JobPublic
+from joycap_queue.images import ImageError, open_image_rgb, read_verified
 from joycap_queue.prompts import system_prompt
 from worker.captioner import Captioner, CaptionInput, GenerationParams
 
@@ -33,23 +31,6 @@ class JobOutcome:
     job_id: int
     status: str
     detail: str = ""
-
-
-def read_checked(job: JobPublic) -> bytes:
-    """The file's bytes, provided they are still the bytes that were submitted."""
-    try:
-        data = Path(job.path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError("file not found (moved or deleted after submit)") from None
-    except PermissionError:
-        raise ImageError("permission denied reading the file") from None
-    except IsADirectoryError:
-        raise ImageError("path is a directory, not an image") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    if hashlib.sha256(data).hexdigest() != job.content_hash:
-        raise ImageError("file changed after submit (content differs); submit it again")
-    return data
 
 
 def run_caption_job(
@@ -67,7 +48,7 @@ def run_caption_job(
                 f"job asks for model {job.model} but this worker runs {captioner.model_id}; "
                 "start a worker with that JOYCAP_MODEL"
             )
-        data = read_checked(job)
+        data = read_verified(Path(job.path), job.content_hash)
         image = open_image_rgb(io.BytesIO(data), max_pixels=settings.max_image_pixels)
         params = GenerationParams(**json.loads(job.gen_params or "{}"))
         [output] = captioner.caption(
