@@ -12,17 +12,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import event, func, or_, update
+from sqlalchemy import delete, event, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from joycap_queue.config import mask_url
 from joycap_queue.errors import OptionError, ServiceUnavailable
-from joycap_queue.models import Job, JobPublic, JobStatus, Submission, utcnow
+from joycap_queue.models import Job, JobPublic, JobStatus, Submission, Watcher, utcnow
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 
@@ -98,6 +98,7 @@ class Claim:
 
     job: JobPublic | None
     reason: str = ""
+    gave_up: bool = False
 
 
 def create_submission(session: Session, *, source: Sequence[str], options: str, model: str) -> Submission:
@@ -108,17 +109,25 @@ def create_submission(session: Session, *, source: Sequence[str], options: str, 
     return submission
 
 
-def existing_jobs(session: Session, dedup_keys: Iterable[str]) -> dict[str, tuple[int, str]]:
-    """dedup key → (job id, status) for the keys already in the database."""
+class ExistingJob(NamedTuple):
+    id: int
+    status: str
+    path: str
+
+
+def existing_jobs(session: Session, dedup_keys: Iterable[str]) -> dict[str, ExistingJob]:
+    """dedup key → the job already in the database for it."""
     keys = list(dedup_keys)
-    found: dict[str, tuple[int, str]] = {}
+    found: dict[str, ExistingJob] = {}
     for start in range(0, len(keys), 500):
         rows = session.exec(
-            select(Job.dedup_key, Job.id, Job.status).where(col(Job.dedup_key).in_(keys[start : start + 500]))
+            select(Job.dedup_key, Job.id, Job.status, Job.path).where(
+                col(Job.dedup_key).in_(keys[start : start + 500])
+            )
         )
-        for key, job_id, status in rows:
+        for key, job_id, status, path in rows:
             assert job_id is not None
-            found[key] = (job_id, status)
+            found[key] = ExistingJob(job_id, status, path)
     return found
 
 
@@ -193,7 +202,7 @@ def claim_job(engine: Engine, job_id: int, *, worker: str, max_attempts: int) ->
                 "captioned this image"
             )
             fail_job(engine, job_id, reason)
-            return Claim(None, reason)
+            return Claim(None, reason, gave_up=True)
         return Claim(JobPublic.model_validate(job))
 
 
@@ -228,6 +237,11 @@ def fail_job(engine: Engine, job_id: int, reason: str) -> bool:
         )
         session.commit()
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def set_job_path(session: Session, job_id: int, path: str) -> None:
+    """Record where a job's image went (moved to done/ or failed/); the caller commits."""
+    session.execute(update(Job).where(col(Job.id) == job_id).values(path=path))
 
 
 def status_counts(session: Session, *, submission_id: int | None = None) -> dict[str, int]:
@@ -287,3 +301,52 @@ def list_jobs(
 
 def latest_submission_id(session: Session) -> int | None:
     return session.exec(select(func.max(Submission.id))).one()
+
+
+def acquire_watcher(engine: Engine, *, inbox: str, host: str, pid: int, stale_after: timedelta) -> int | None:
+    """Take the inbox's watcher row (the lock); None while another live watcher holds it.
+
+    A row whose heartbeat is older than ``stale_after`` belongs to a watcher that died; it is
+    taken over, in one conditional UPDATE so two newcomers cannot both win.
+    """
+    now = utcnow()
+    with Session(engine) as session:
+        try:
+            row = Watcher(inbox=inbox, host=host, pid=pid, started_at=now, heartbeat_at=now)
+            session.add(row)
+            session.commit()
+            return row.id
+        except IntegrityError:
+            session.rollback()
+        result = session.execute(
+            update(Watcher)
+            .where(col(Watcher.inbox) == inbox, col(Watcher.heartbeat_at) < now - stale_after)
+            .values(host=host, pid=pid, started_at=now, heartbeat_at=now, seen=0, queued=0, waiting=0)
+        )
+        session.commit()
+        if not result.rowcount:  # type: ignore[attr-defined]
+            return None
+        return session.exec(select(Watcher.id).where(Watcher.inbox == inbox)).one()
+
+
+def heartbeat_watcher(engine: Engine, watcher_id: int, **counters: int | None) -> None:
+    with Session(engine) as session:
+        session.execute(
+            update(Watcher).where(col(Watcher.id) == watcher_id).values(heartbeat_at=utcnow(), **counters)
+        )
+        session.commit()
+
+
+def release_watcher(engine: Engine, watcher_id: int) -> None:
+    with Session(engine) as session:
+        session.execute(delete(Watcher).where(col(Watcher.id) == watcher_id))
+        session.commit()
+
+
+def active_watchers(session: Session, *, stale_after: timedelta) -> list[Watcher]:
+    query = (
+        select(Watcher)
+        .where(col(Watcher.heartbeat_at) >= utcnow() - stale_after)
+        .order_by(col(Watcher.inbox))
+    )
+    return list(session.exec(query))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Transparent pixels are composited onto white: training sets usually show transparent
@@ -88,6 +88,57 @@ def probe_image(path: Path) -> tuple[int, int]:
         raise ImageError("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"unreadable image: {exc}") from None
+
+
+def decodes_completely(path: Path, *, max_pixels: int) -> bool:
+    """True when every frame decodes: how the watcher tells a finished file from a half-written one.
+
+    An image over the pixel limit counts as complete without decoding: the worker refuses it
+    with the reason, and decoding it here is the very cost the limit exists to avoid.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    return True
+                for frame in ImageSequence.Iterator(image):
+                    frame.load()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not a whole image yet"
+        return False
+
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def has_end_marker(path: Path) -> bool:
+    """Whether the file ends the way its format ends (PNG IEND, JPEG EOI, GIF trailer, RIFF size).
+
+    Decoding alone passes a file that lacks only its last bytes (a PNG without IEND decodes), so
+    a file taken the moment its writer closes it must also end properly; formats without an end
+    marker (TIFF) pass.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 16))
+            tail = handle.read()
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG"):
+        return tail.endswith(PNG_END)
+    if head.startswith(b"\xff\xd8"):
+        return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return tail.endswith(b";")
+    if head.startswith(b"RIFF"):
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    if head.startswith(b"BM"):
+        return size >= int.from_bytes(head[2:6], "little")
+    return True
 
 
 def open_image_rgb(source: Path | IO[bytes], *, max_pixels: int) -> Image.Image:

@@ -6,67 +6,25 @@ insert the job rows in batches, commit, and only then send their messages.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from sqlmodel import Session
 
 from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import Discovered, ImageError, discover, hash_file, probe_image
-from joycap_queue.models import JobStatus, utcnow
-from joycap_queue.prompts import CaptionOptions, WeightedPrompt, build_prompt, draw_prompt
+from joycap_queue.models import JobStatus, Submission, utcnow
 from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
+from joycap_queue.request import CaptionRequest, dedup_key
+from joycap_queue.sidecars import OutputOptions, finish_failed
 
 INSERT_BATCH = 500
 SUBMISSION_COUNTS = ("total", "queued", "already_done", "already_queued", "skipped", "rejected")
-
-
-@dataclass(frozen=True)
-class CaptionRequest:
-    """Everything that decides a caption, apart from the image itself."""
-
-    profile: str
-    model: str
-    options: CaptionOptions = field(default_factory=CaptionOptions)
-    prompt_file: tuple[WeightedPrompt, ...] = ()
-    gen_params: dict[str, Any] = field(default_factory=dict)
-    prepend: str = ""
-    append: str = ""
-
-    def prompt_for(self, content_hash: str) -> str:
-        # A prompt file draws per image, seeded by the content, so re-submitting the same image
-        # draws the same prompt and is recognised as already done.
-        if self.prompt_file and not (self.options.custom_prompt or "").strip():
-            return draw_prompt(self.prompt_file, content_hash)
-        return build_prompt(self.profile, self.options)
-
-    def describe(self) -> dict[str, Any]:
-        described = asdict(self)
-        described["options"]["extra"] = list(self.options.extra)
-        described["prompt_file"] = [asdict(p) for p in self.prompt_file]
-        return described
-
-
-def dedup_key(content_hash: str, prompt: str, request: CaptionRequest) -> str:
-    material = json.dumps(
-        [
-            content_hash,
-            request.profile,
-            prompt,
-            request.model,
-            request.gen_params,
-            request.prepend,
-            request.append,
-        ],
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -79,6 +37,9 @@ class EnqueueSummary:
     skipped: int = 0
     rejected: int = 0
     job_ids: list[int] = field(default_factory=list)
+    # Images whose request already has a job under another path (a copy of a known image):
+    # (this path, that job's id), so the watcher can give the copy its sidecars too.
+    twins: list[tuple[Path, int]] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -107,6 +68,7 @@ def _job_row(path: Path, request: CaptionRequest) -> dict[str, Any]:
         "gen_params": json.dumps(request.gen_params, sort_keys=True),
         "prepend": request.prepend,
         "append": request.append,
+        "outputs": request.outputs.to_json(),
         "dedup_key": dedup_key(content_hash, prompt, request),
         # Every row carries every key: one executemany insert needs the same columns per row.
         "width": None,
@@ -132,20 +94,24 @@ def enqueue_images(
     source: Iterable[str] | None = None,
     on_start: Callable[[int], None] | None = None,
     on_file: Callable[[Discovered], None] | None = None,
+    submission_id: int | None = None,
+    app: Celery | None = None,
 ) -> EnqueueSummary:
     """Turn image files into queued jobs and send them; returns what happened to each file.
 
     Files that are not images by extension are skipped; images whose header cannot be read are
     recorded as failed jobs with the reason (failures are data). An image whose dedup key is known
-    is not queued again unless ``force``.
+    is not queued again unless ``force``. A long-running caller (the watcher) passes its
+    ``submission_id`` to add to one submission, and its ``app`` to reuse one broker connection pool.
     """
-    app = make_celery(settings)
+    app = app or make_celery(settings)
     ping_broker(app)
     engine = db.get_engine(settings.effective_database_url)
     summary = EnqueueSummary()
     paths = list(paths)
     with Session(engine) as session:
-        submission = db.create_submission(
+        existing_submission = session.get(Submission, submission_id) if submission_id is not None else None
+        submission = existing_submission or db.create_submission(
             session,
             source=list(source) if source is not None else [str(p) for p in paths],
             options=json.dumps(request.describe(), sort_keys=True),
@@ -176,7 +142,10 @@ def enqueue_images(
                 pending = []
         _flush(session, app, settings, pending, summary, force=force)
         counts = asdict(summary)
-        submission.sqlmodel_update({name: counts[name] for name in SUBMISSION_COUNTS})
+        # getattr, not model_dump: after the commits above the attributes are expired, and only
+        # attribute access reloads them.
+        base = {name: getattr(submission, name) if existing_submission else 0 for name in SUBMISSION_COUNTS}
+        submission.sqlmodel_update({name: counts[name] + base[name] for name in SUBMISSION_COUNTS})
         session.add(submission)
         session.commit()
     return summary
@@ -213,7 +182,10 @@ def _flush(
                 summary.queued += 1
                 summary.job_ids.append(inserted[key])
             continue
-        job_id, status = existing.get(key, (None, JobStatus.queued.value))
+        found = existing.get(key)
+        job_id, status = (found.id, found.status) if found else (None, JobStatus.queued.value)
+        if found is not None and found.path != item.row["path"] and status != JobStatus.failed.value:
+            summary.twins.append((Path(item.row["path"]), found.id))
         if force and job_id is not None and status in (JobStatus.done.value, JobStatus.failed.value):
             to_reset.append(job_id)
         elif status == JobStatus.done.value:
@@ -228,9 +200,23 @@ def _flush(
         summary.queued += len(to_reset)
         summary.job_ids.extend(to_reset)
     session.commit()
+    _finish_rejected(session, unique, inserted)
     # Rows are committed first: if sending fails now, the jobs are still in the database as
     # queued, and nothing a worker could receive is missing its row.
     send_caption_jobs(app, [*inserted_ids(inserted, unique), *to_reset], queue=settings.queue)
+
+
+def _finish_rejected(session: Session, unique: dict[str, _Pending], inserted: dict[str, int]) -> None:
+    """Images refused at intake go where failed images go (`failed/`, with the reason), if asked."""
+    for key, job_id in inserted.items():
+        row = unique[key].row
+        if row.get("status") != JobStatus.failed.value:
+            continue
+        options = OutputOptions.from_json(row["outputs"])
+        if options.failed_dir:
+            moved = finish_failed(Path(row["path"]), options, reason=row["error"])
+            db.set_job_path(session, job_id, str(moved))
+    session.commit()
 
 
 def inserted_ids(inserted: dict[str, int], unique: dict[str, _Pending]) -> list[int]:

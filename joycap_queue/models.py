@@ -60,6 +60,9 @@ class JobBase(SQLModel):
     gen_params: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
     prepend: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     append: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # What to write beside the image when the job ends (sidecars, moving); not part of the
+    # dedup key, since it does not change the caption. JSON of sidecars.OutputOptions.
+    outputs: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
 
     status: str = Field(default=JobStatus.queued.value, max_length=16, index=True)
     attempts: int = 0
@@ -81,6 +84,21 @@ class Job(JobBase, table=True):
     submission_id: int | None = Field(default=None, foreign_key="submission.id", index=True)
     # content hash + final prompt + model + generation parameters: one caption per request.
     dedup_key: str = Field(max_length=64, unique=True)
+
+
+class Watcher(SQLModel, table=True):
+    """One row per watched inbox: the lock that keeps a second watcher off it, and its counters."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    inbox: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    host: str = Field(max_length=255)
+    pid: int
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    submission_id: int | None = Field(default=None, foreign_key="submission.id")
+    seen: int = 0
+    queued: int = 0
+    waiting: int = 0
 
 
 class JobPublic(JobBase):

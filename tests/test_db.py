@@ -39,8 +39,8 @@ def test_insert_skips_known_dedup_keys(database_url: str) -> None:
     assert set(second) == {"c"}
     with Session(db.get_engine(database_url)) as session:
         assert db.existing_jobs(session, ["a", "c", "zzz"]) == {
-            "a": (first["a"], "queued"),
-            "c": (second["c"], "queued"),
+            "a": (first["a"], "queued", "/images/a.jpg"),
+            "c": (second["c"], "queued", "/images/c.jpg"),
         }
         assert db.status_counts(session)["queued"] == 3
 

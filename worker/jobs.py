@@ -21,6 +21,7 @@ from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import ImageError, open_image_rgb, read_verified
 from joycap_queue.prompts import system_prompt
+from joycap_queue.sidecars import finish_job_outputs
 from worker.captioner import Captioner, CaptionInput, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ def run_caption_job(
     claim = db.claim_job(engine, job_id, worker=worker_name, max_attempts=settings.max_attempts)
     if claim.job is None:
         log.info("job %s skipped: %s", job_id, claim.reason)
+        if claim.gave_up:
+            _finish_outputs(engine, job_id)
+            return JobOutcome(job_id, "failed", claim.reason)
         return JobOutcome(job_id, "skipped", claim.reason)
     job = claim.job
     started = time.monotonic()
@@ -79,10 +83,21 @@ def run_caption_job(
         log.info("job %s already finished elsewhere; caption discarded", job_id)
         return JobOutcome(job_id, "skipped", "already finished")
     log.info("job %s done in %.2fs (%d tokens)", job_id, elapsed, output.output_tokens)
+    _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "done")
 
 
 def _failed(engine: Engine, job_id: int, reason: str) -> JobOutcome:
     log.warning("job %s failed: %s", job_id, reason)
-    db.fail_job(engine, job_id, reason)
+    if db.fail_job(engine, job_id, reason):
+        _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "failed", reason)
+
+
+def _finish_outputs(engine: Engine, job_id: int) -> None:
+    # The result is already stored; a sidecar that cannot be written is logged, and the watcher
+    # writes any missing sidecar of a done job on its next rescan.
+    try:
+        finish_job_outputs(engine, job_id)
+    except OSError as exc:
+        log.warning("job %s: sidecar or move failed: %s", job_id, exc)

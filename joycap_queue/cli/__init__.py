@@ -41,9 +41,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from joycap_queue.cli import inspect, prompt, run, submit
+    from joycap_queue.cli import inspect, prompt, run, submit, watch
 
-    for module in (submit, inspect, prompt, run):
+    for module in (submit, watch, inspect, prompt, run):
         for command in module.COMMANDS:
             cli.add_command(command)
 

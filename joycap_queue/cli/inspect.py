@@ -14,7 +14,8 @@ from sqlmodel import Session
 from joycap_queue import db
 from joycap_queue.cli.options import build_settings, connection_options, tiny_model_notice
 from joycap_queue.cli.output import printable, table
-from joycap_queue.models import JobStatus
+from joycap_queue.models import JobStatus, utcnow
+from joycap_queue.watcher import STALE_AFTER
 
 RATE_WINDOW = timedelta(minutes=5)
 STATES = [status.value for status in JobStatus]
@@ -41,7 +42,31 @@ def status_report(session: Session, submission_id: int | None) -> tuple[str, dic
         lines.append(f"eta: {_format_eta(remaining / rate * 60)} for {remaining} images")
     elif remaining:
         lines.append(f"eta: unknown ({remaining} images waiting, nothing finished recently)")
+    lines.extend(watcher_lines(session))
     return "\n".join(lines), counts
+
+
+def watcher_lines(session: Session) -> list[str]:
+    watchers = db.active_watchers(session, stale_after=STALE_AFTER)
+    if not watchers:
+        return []
+    lines = ["watchers:"]
+    now = utcnow()
+    for watcher in watchers:
+        finished = (
+            db.status_counts(session, submission_id=watcher.submission_id) if watcher.submission_id else {}
+        )
+        beat = (
+            watcher.heartbeat_at
+            if watcher.heartbeat_at.tzinfo
+            else watcher.heartbeat_at.replace(tzinfo=now.tzinfo)
+        )
+        lines.append(
+            f"  {printable(watcher.inbox, one_line=True)}: seen {watcher.seen}, queued {watcher.queued}, "
+            f"waiting to settle {watcher.waiting}, done {finished.get('done', 0)}, failed {finished.get('failed', 0)} "
+            f"(pid {watcher.pid} on {watcher.host}, heartbeat {int((now - beat).total_seconds())} s ago)"
+        )
+    return lines
 
 
 @click.command()

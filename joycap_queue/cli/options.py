@@ -10,9 +10,8 @@ import click
 from pydantic import ValidationError
 
 from joycap_queue import prompts
-from joycap_queue.config import Settings, is_tiny_model, settings_with, tiny_model_info
-from joycap_queue.errors import OptionError
-from joycap_queue.intake import CaptionRequest
+from joycap_queue.config import Settings, is_tiny_model, settings_with
+from joycap_queue.request import normalize_model
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,6 +126,40 @@ def caption_options(func: F) -> F:
     )
 
 
+def output_options(default_sidecar: tuple[str, ...]) -> Callable[[F], F]:
+    """Sidecar files and moving, written by the worker when each job ends."""
+    shown = ", ".join(default_sidecar) or "none"
+
+    def decorate(func: F) -> F:
+        return _apply(
+            func,
+            [
+                click.option(
+                    "--sidecar",
+                    multiple=True,
+                    type=click.Choice(["txt", "json", "none"]),
+                    help=f"Write image.txt and/or image.json beside each image when it is done [default: {shown}].",
+                ),
+                click.option(
+                    "--sidecar-mode",
+                    type=click.Choice(["skip", "overwrite", "append", "prepend"]),
+                    default="skip",
+                    show_default=True,
+                    help="What to do with a sidecar that already exists.",
+                ),
+                click.option(
+                    "--move",
+                    is_flag=True,
+                    help="Move done images (with sidecars) to done/ and failed ones to failed/.",
+                ),
+                click.option("--done-dir", help="Where --move puts done images [default: INBOX/done]."),
+                click.option("--failed-dir", help="Where --move puts failed images [default: INBOX/failed]."),
+            ],
+        )
+
+    return decorate
+
+
 def generation_options(func: F) -> F:
     return _apply(
         func,
@@ -170,61 +203,6 @@ def build_settings(params: dict[str, Any]) -> Settings:
     if settings.model != normalize_model(settings.model):
         settings = settings.model_copy(update={"model": normalize_model(settings.model)})
     return settings
-
-
-def normalize_model(model: str) -> str:
-    """A local checkpoint folder as an absolute path, so submitter and worker name it alike."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    return model
-
-
-def profile_of(settings: Settings) -> str:
-    if settings.profile:
-        return settings.profile
-    tiny = tiny_model_info(settings.model)
-    if tiny is not None:
-        return prompts.resolve_profile(str(tiny.get("profile", "beta-one")))
-    return prompts.profile_for_model(settings.model)
-
-
-def generation_params(settings: Settings) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
-        "greedy": settings.greedy,
-    }
-    if not settings.greedy:
-        params.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return params
-
-
-def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
-    """The CaptionRequest for a command's caption options; OptionError names the bad option."""
-    profile = profile_of(settings)
-    options = prompts.CaptionOptions(
-        caption_type=prompts.resolve_caption_type(profile, params["caption_type"]),
-        length=prompts.resolve_length(params["length"]),
-        extra=prompts.resolve_extra(profile, params.get("extra") or ()),
-        name=params.get("name"),
-        custom_prompt=params.get("custom_prompt"),
-    )
-    prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
-    if params.get("prompt_file") is not None:
-        if options.custom_prompt:
-            raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
-        prompt_file = tuple(prompts.parse_prompt_file(params["prompt_file"]))
-    else:
-        prompts.build_prompt(profile, options)  # validates the name option before anything is queued
-    return CaptionRequest(
-        profile=profile,
-        model=settings.model,
-        options=options,
-        prompt_file=prompt_file,
-        gen_params=generation_params(settings),
-        prepend=params.get("prepend") or "",
-        append=params.get("append") or "",
-    )
 
 
 def tiny_model_notice(model: str) -> None:

@@ -9,12 +9,11 @@ import click
 from joycap_queue import prompts
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
-    build_request,
     build_settings,
     caption_options,
     model_options,
-    profile_of,
 )
+from joycap_queue.request import build_request, profile_of
 
 
 @click.command(cls=ExtraGreedyCommand)

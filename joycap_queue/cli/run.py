@@ -18,7 +18,6 @@ import click
 from joycap_queue import db
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
-    build_request,
     build_settings,
     caption_options,
     connection_options,
@@ -32,6 +31,7 @@ from joycap_queue.config import Settings, get_settings
 from joycap_queue.errors import JoycapError
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
 from joycap_queue.queue import make_celery, ping_broker
+from joycap_queue.request import build_request
 
 
 def export_settings(settings: Settings) -> None:

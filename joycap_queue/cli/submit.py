@@ -9,17 +9,19 @@ import click
 
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
-    build_request,
     build_settings,
     caption_options,
     connection_options,
     generation_options,
     model_options,
+    output_options,
     tiny_model_notice,
 )
 from joycap_queue.cli.output import progress
 from joycap_queue.images import Discovered
 from joycap_queue.intake import enqueue_images
+from joycap_queue.request import build_request
+from joycap_queue.watchconfig import output_options as output_options_for
 
 MAX_LISTED_REJECTIONS = 10
 
@@ -28,6 +30,7 @@ MAX_LISTED_REJECTIONS = 10
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
 @click.option("--force", is_flag=True, help="Queue again images that are already done or failed.")
+@output_options(default_sidecar=())
 @caption_options
 @generation_options
 @model_options
@@ -46,6 +49,15 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
       joycap-queue submit a.jpg b.png --prompt-file prompts.json --prepend "ohwx, "
     """
     settings = build_settings(params)
+    root = paths[0].resolve() if len(paths) == 1 and paths[0].is_dir() else Path.cwd()
+    params["outputs"] = output_options_for(
+        root,
+        sidecar=params.get("sidecar") or (),
+        sidecar_mode=params["sidecar_mode"],
+        move=params["move"],
+        done_dir=params.get("done_dir"),
+        failed_dir=params.get("failed_dir"),
+    )
     request = build_request(settings, params)
     tiny_model_notice(settings.model)
     with progress(0, "submitting") as bar:

@@ -1,0 +1,119 @@
+"""`CaptionRequest`: everything that decides a caption apart from the image, built from options.
+
+The CLI, the watch-folder config and (later) the dataset importer all build their requests
+through `build_request`, so one option means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from joycap_queue import prompts
+from joycap_queue.config import Settings, tiny_model_info
+from joycap_queue.errors import OptionError
+from joycap_queue.prompts import CaptionOptions, WeightedPrompt, build_prompt, draw_prompt
+from joycap_queue.sidecars import OutputOptions
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """Everything that decides a caption, apart from the image itself."""
+
+    profile: str
+    model: str
+    options: CaptionOptions = field(default_factory=CaptionOptions)
+    prompt_file: tuple[WeightedPrompt, ...] = ()
+    gen_params: dict[str, Any] = field(default_factory=dict)
+    prepend: str = ""
+    append: str = ""
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+
+    def prompt_for(self, content_hash: str) -> str:
+        # A prompt file draws per image, seeded by the content, so re-submitting the same image
+        # draws the same prompt and is recognised as already done.
+        if self.prompt_file and not (self.options.custom_prompt or "").strip():
+            return draw_prompt(self.prompt_file, content_hash)
+        return build_prompt(self.profile, self.options)
+
+    def describe(self) -> dict[str, Any]:
+        described = asdict(self)
+        described["options"]["extra"] = list(self.options.extra)
+        described["prompt_file"] = [asdict(p) for p in self.prompt_file]
+        return described
+
+
+def dedup_key(content_hash: str, prompt: str, request: CaptionRequest) -> str:
+    material = json.dumps(
+        [
+            content_hash,
+            request.profile,
+            prompt,
+            request.model,
+            request.gen_params,
+            request.prepend,
+            request.append,
+        ],
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def normalize_model(model: str) -> str:
+    """A local checkpoint folder as an absolute path, so submitter and worker name it alike."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return model
+
+
+def profile_of(settings: Settings) -> str:
+    if settings.profile:
+        return settings.profile
+    tiny = tiny_model_info(settings.model)
+    if tiny is not None:
+        return prompts.resolve_profile(str(tiny.get("profile", "beta-one")))
+    return prompts.profile_for_model(settings.model)
+
+
+def generation_params(settings: Settings) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "greedy": settings.greedy,
+    }
+    if not settings.greedy:
+        params.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return params
+
+
+def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
+    """The CaptionRequest for a command's caption options; OptionError names the bad option."""
+    profile = profile_of(settings)
+    options = prompts.CaptionOptions(
+        caption_type=prompts.resolve_caption_type(profile, params["caption_type"]),
+        length=prompts.resolve_length(params["length"]),
+        extra=prompts.resolve_extra(profile, params.get("extra") or ()),
+        name=params.get("name"),
+        custom_prompt=params.get("custom_prompt"),
+    )
+    prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
+    if params.get("prompt_file") is not None:
+        if options.custom_prompt:
+            raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
+        prompt_file = tuple(prompts.parse_prompt_file(params["prompt_file"]))
+    else:
+        prompts.build_prompt(profile, options)  # validates the name option before anything is queued
+    return CaptionRequest(
+        profile=profile,
+        model=settings.model,
+        options=options,
+        prompt_file=prompt_file,
+        gen_params=generation_params(settings),
+        prepend=params.get("prepend") or "",
+        append=params.get("append") or "",
+        outputs=params.get("outputs") or OutputOptions(),
+    )

@@ -1,0 +1,236 @@
+"""What a finished job leaves beside its image: `image.txt` / `image.json` sidecars, and moves.
+
+`image.txt` is the convention of kohya's sd-scripts, ai-toolkit and upstream's batch script.
+When one folder holds several images with one stem (`a.jpg`, `a.png`), each sidecar takes the
+image's full name (`a.jpg.txt`, `a.png.txt`) so that no caption overwrites another.
+
+Every write is atomic (a temporary file in the same folder, then a rename), so a trainer or a
+second writer never reads half a caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from joycap_queue import db
+from joycap_queue.errors import OptionError
+from joycap_queue.images import IMAGE_EXTENSIONS
+from joycap_queue.models import Job, JobPublic, JobStatus
+
+SidecarMode = Literal["skip", "overwrite", "append", "prepend"]
+SIDECAR_MODES: tuple[str, ...] = ("skip", "overwrite", "append", "prepend")
+SIDECAR_KINDS: tuple[str, ...] = ("txt", "json")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Per-inbox (or per-submission) outputs; stored on each job as JSON."""
+
+    txt: bool = False
+    json: bool = False
+    mode: str = "skip"
+    inbox: str | None = None
+    done_dir: str | None = None
+    failed_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in SIDECAR_MODES:
+            raise OptionError(
+                "sidecar_mode",
+                f"unknown sidecar mode {self.mode!r}; choose one of: skip, overwrite, append, prepend",
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.txt or self.json or bool(self.done_dir) or bool(self.failed_dir)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True) if self.active else "{}"
+
+    @classmethod
+    def from_json(cls, text: str | None) -> OutputOptions:
+        data = json.loads(text or "{}")
+        return cls(**data) if data else cls()
+
+
+def _has_stem_sibling(folder: Path, image: Path) -> bool:
+    try:
+        return any(
+            entry.stem == image.stem and entry.name != image.name and entry.suffix.lower() in IMAGE_EXTENSIONS
+            for entry in folder.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def sidecar_path(image: Path, suffix: str, *, also_in: Path | None = None) -> Path:
+    """`a.txt` beside `a.jpg`, or `a.jpg.txt` when another image there shares the stem.
+
+    ``also_in`` is the folder an image was just moved out of: its twins still there count too.
+    """
+    folders = [image.parent, *([also_in] if also_in is not None else [])]
+    if any(_has_stem_sibling(folder, image) for folder in folders):
+        return image.with_name(image.name + suffix)
+    return image.with_suffix(suffix)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _joined(first: str, second: str) -> str:
+    # Upstream's append/prepend: the earlier text ends with ". " before the next one starts.
+    first = first.strip()
+    if not first:
+        return second
+    if not first.endswith("."):
+        first += "."
+    return f"{first} {second}"
+
+
+def merge_caption(existing: str | None, caption: str, mode: str) -> str | None:
+    """The new text of a `.txt` sidecar, or None to leave the existing file as it is."""
+    if existing is None or mode == "overwrite":
+        return caption
+    if mode == "skip":
+        return None
+    if mode == "append":
+        return _joined(existing, caption)
+    return _joined(caption, existing.strip())
+
+
+def write_sidecars(
+    image: Path, options: OutputOptions, *, caption: str, record: dict[str, Any], also_in: Path | None = None
+) -> list[Path]:
+    """Write the sidecars this job asks for; returns the files written."""
+    written = []
+    if options.txt:
+        target = sidecar_path(image, ".txt", also_in=also_in)
+        existing = target.read_bytes().decode("utf-8", errors="replace") if target.exists() else None
+        text = merge_caption(existing, caption, options.mode)
+        if text is not None:
+            write_atomic(target, text)
+            written.append(target)
+    if options.json:
+        target = sidecar_path(image, ".json", also_in=also_in)
+        if options.mode != "skip" or not target.exists():
+            write_atomic(target, json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+            written.append(target)
+    return written
+
+
+def _relative_target(image: Path, inbox: str | None, tree: str) -> Path:
+    base = Path(inbox) if inbox else image.parent
+    try:
+        relative = image.relative_to(base)
+    except ValueError:
+        relative = Path(image.name)
+    return Path(tree) / relative
+
+
+def _move(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        # Never overwrite earlier work with a same-named newcomer: number the newcomer.
+        for n in range(1, 10_000):
+            candidate = target.with_name(f"{target.stem}.{n}{target.suffix}")
+            if not candidate.exists():
+                target = candidate
+                break
+    # A rename where it can be one; a copy and delete across file systems.
+    shutil.move(str(source), str(target))
+    return target
+
+
+def finish_done(image: Path, options: OutputOptions, *, caption: str, record: dict[str, Any]) -> Path:
+    """Sidecars for a captioned image, moved to the done tree first if asked; the image's new path."""
+    if not options.done_dir or not image.exists():
+        write_sidecars(image, options, caption=caption, record=record)
+        return image
+    moved = _move(image, _relative_target(image, options.inbox, options.done_dir))
+    write_sidecars(moved, options, caption=caption, record=record, also_in=image.parent)
+    return moved
+
+
+def finish_failed(image: Path, options: OutputOptions, *, reason: str) -> Path:
+    """Move a failed image to the failed tree with `name.error.txt` giving the reason, if asked."""
+    if not options.failed_dir or not image.exists():
+        return image
+    moved = _move(image, _relative_target(image, options.inbox, options.failed_dir))
+    write_atomic(moved.with_name(moved.name + ".error.txt"), reason + "\n")
+    return moved
+
+
+def sidecar_record(job: JobPublic) -> dict[str, Any]:
+    """What `image.json` holds: the caption with everything that produced it, and its timings."""
+    seconds = None
+    if job.started_at is not None and job.finished_at is not None:
+        seconds = round((job.finished_at - job.started_at).total_seconds(), 3)
+    return {
+        "image": Path(job.path).name,
+        "caption": job.caption,
+        "prompt": job.prompt,
+        "profile": job.profile,
+        "caption_type": job.caption_type,
+        "caption_length": job.caption_length,
+        "extra_options": job.extra_option_list(),
+        "name": job.name,
+        "model": job.model,
+        "parameters": json.loads(job.gen_params or "{}"),
+        "prepend": job.prepend,
+        "append": job.append,
+        "prompt_tokens": job.prompt_tokens,
+        "output_tokens": job.output_tokens,
+        "queued_at": job.queued_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "seconds": seconds,
+        "worker": job.worker,
+        "job_id": job.id,
+        "content_hash": job.content_hash,
+    }
+
+
+def finish_job_outputs(engine: Engine, job_id: int) -> Path | None:
+    """Write the sidecars or move the image, as the finished job asks; its image's path after.
+
+    Called by the worker right after it stores the result, and by the watcher for done jobs whose
+    sidecar is missing (a worker that died between the two), so the files follow the database.
+    """
+    with Session(engine) as session:
+        row = session.get(Job, job_id)
+        if row is None:
+            return None
+        job = JobPublic.model_validate(row)
+    options = OutputOptions.from_json(job.outputs)
+    image = Path(job.path)
+    if not options.active:
+        return image
+    if job.status == JobStatus.done.value and job.caption is not None:
+        moved = finish_done(image, options, caption=job.caption, record=sidecar_record(job))
+    elif job.status == JobStatus.failed.value:
+        moved = finish_failed(image, options, reason=job.error or "failed")
+    else:
+        return image
+    if moved != image:
+        with Session(engine) as session:
+            db.set_job_path(session, job_id, str(moved))
+            session.commit()
+    return moved

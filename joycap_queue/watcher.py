@@ -1,0 +1,409 @@
+"""Watch folders: every finished image dropped into an inbox becomes a job, once.
+
+A file is taken when it is complete: at inotify's close-after-write (Linux), or once its size
+and mtime have held still for the settle time (files moved in, network mounts, polling), and
+in both cases only if it decodes. Temporary names of copy tools are ignored until renamed. A
+scan at start and a periodic rescan catch what events miss (files present before the watcher,
+inotify overflow); the dedup key makes a restart or a rescan queue nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from joycap_queue import db
+from joycap_queue.config import Settings
+from joycap_queue.errors import JoycapError
+from joycap_queue.images import IMAGE_EXTENSIONS, decodes_completely, has_end_marker
+from joycap_queue.intake import enqueue_images
+from joycap_queue.models import Job, JobPublic, JobStatus, Watcher
+from joycap_queue.queue import make_celery
+from joycap_queue.sidecars import (
+    OutputOptions,
+    finish_job_outputs,
+    sidecar_path,
+    sidecar_record,
+    write_sidecars,
+)
+from joycap_queue.watchconfig import InboxConfig
+
+log = logging.getLogger(__name__)
+
+# Names copy tools and browsers give a file while they write it; the final rename brings it in.
+TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".!qb", "~")
+HEARTBEAT_S = 2.0
+# A watcher row not refreshed for this long belongs to a watcher that died.
+STALE_AFTER = timedelta(seconds=15)
+TICK_S = 0.25
+MAX_ENQUEUE = 1000
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    changed_at: float  # wall-clock time the file was last seen changing
+    closed: bool = False
+    undecodable: bool = False
+    warned: bool = False
+
+
+@dataclass
+class InboxState:
+    """One inbox: what it has seen, what waits to settle, and what it has queued."""
+
+    config: InboxConfig
+    excluded: tuple[Path, ...]
+    pending: dict[Path, _Pending] = field(default_factory=dict)
+    handled: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    twins: dict[Path, int] = field(default_factory=dict)
+    seen: int = 0
+    queued: int = 0
+    watcher_id: int | None = None
+    submission_id: int | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.config.path
+
+    @property
+    def outputs(self) -> OutputOptions:
+        return self.config.request.outputs
+
+    def is_candidate(self, path: Path) -> bool:
+        name = path.name
+        if name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES):
+            return False
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return False
+        try:
+            relative = path.relative_to(self.root)
+        except ValueError:
+            return False
+        if any(part.startswith(".") for part in relative.parts[:-1]):
+            return False
+        return not any(path.is_relative_to(excluded) for excluded in self.excluded)
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on the observer's thread: only records which paths to look at."""
+
+    def __init__(
+        self,
+        notices: queue.SimpleQueue[tuple[InboxState, Path, bool]],
+        state: InboxState,
+        wake: threading.Event,
+    ):
+        self.notices, self.state, self.wake = notices, state, wake
+
+    def _notice(self, raw: str | bytes, *, closed: bool = False) -> None:
+        path = Path(os.fsdecode(raw))
+        if self.state.is_candidate(path):
+            self.notices.put((self.state, path, closed))
+            self.wake.set()
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._notice(event.src_path)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._notice(event.src_path)
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent):
+            self._notice(event.src_path, closed=True)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileSystemMovedEvent) and not event.is_directory:
+            # A rename is how copy tools finish: the new name is complete.
+            self._notice(event.dest_path, closed=True)
+
+
+def walk_candidates(state: InboxState) -> Iterator[Path]:
+    for directory, subdirs, files in os.walk(state.root):
+        base = Path(directory)
+        subdirs[:] = sorted(
+            d for d in subdirs if not d.startswith(".") and not any((base / d) == ex for ex in state.excluded)
+        )
+        for name in sorted(files):
+            path = base / name
+            if state.is_candidate(path):
+                yield path
+
+
+class FolderWatcher:
+    """Watches inboxes with one observer and turns finished images into jobs."""
+
+    def __init__(
+        self,
+        inboxes: Sequence[InboxConfig],
+        settings: Settings,
+        *,
+        settle_seconds: float = 2.0,
+        rescan_seconds: float = 60.0,
+        polling: bool = False,
+        polling_interval: float = 1.0,
+        incomplete_after: float = 600.0,
+    ) -> None:
+        self.settings = settings
+        self.settle_seconds = settle_seconds
+        self.rescan_seconds = rescan_seconds
+        self.polling = polling
+        self.polling_interval = polling_interval
+        self.incomplete_after = incomplete_after
+        self.engine: Engine = db.get_engine(settings.effective_database_url)
+        self.app: Celery = make_celery(settings)
+        self.states = [InboxState(config, self._excluded(config)) for config in inboxes]
+        self.notices: queue.SimpleQueue[tuple[InboxState, Path, bool]] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.stop_event = threading.Event()
+        self.observer: BaseObserver | None = None
+
+    @staticmethod
+    def _excluded(config: InboxConfig) -> tuple[Path, ...]:
+        outputs = config.request.outputs
+        return tuple(Path(d) for d in (outputs.done_dir, outputs.failed_dir) if d)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take every inbox's lock or none: a second watcher on an inbox must not start."""
+        host, pid = socket.gethostname(), os.getpid()
+        for state in self.states:
+            watcher_id = db.acquire_watcher(
+                self.engine, inbox=str(state.root), host=host, pid=pid, stale_after=STALE_AFTER
+            )
+            if watcher_id is None:
+                holder = self._holder(str(state.root))
+                self.release()
+                raise JoycapError(f"another watcher is already active on {state.root} ({holder})")
+            state.watcher_id = watcher_id
+
+    def _holder(self, inbox: str) -> str:
+        with Session(self.engine) as session:
+            row = session.exec(select(Watcher).where(Watcher.inbox == inbox)).first()
+        return f"pid {row.pid} on {row.host}" if row else "unknown"
+
+    def release(self) -> None:
+        for state in self.states:
+            if state.watcher_id is not None:
+                db.release_watcher(self.engine, state.watcher_id)
+                state.watcher_id = None
+
+    def start(self) -> None:
+        self.acquire()
+        self.observer = PollingObserver(timeout=self.polling_interval) if self.polling else Observer()
+        for state in self.states:
+            self.observer.schedule(_Handler(self.notices, state, self.wake), str(state.root), recursive=True)
+        self.observer.start()
+        # Scan after the observer starts, so a file arriving in between is seen by one or both.
+        for state in self.states:
+            self.scan(state)
+        self.wake.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+    def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=10)
+            self.observer = None
+        self.release()
+
+    def run(self) -> None:
+        """Watch until `stop()`; releases the inbox locks on the way out."""
+        self.start()
+        try:
+            last_rescan = last_heartbeat = time.time()
+            while not self.stop_event.is_set():
+                self.wake.wait(TICK_S)
+                self.wake.clear()
+                now = time.time()
+                self.step(now)
+                if now - last_rescan >= self.rescan_seconds:
+                    last_rescan = now
+                    for state in self.states:
+                        self.scan(state)
+                        self.reconcile(state)
+                if now - last_heartbeat >= HEARTBEAT_S:
+                    last_heartbeat = now
+                    self.heartbeat()
+        finally:
+            self.close()
+
+    # -- what one tick does ----------------------------------------------------------------
+    def scan(self, state: InboxState) -> None:
+        for path in walk_candidates(state):
+            self.notices.put((state, path, False))
+
+    def step(self, now: float) -> None:
+        while True:
+            try:
+                state, path, closed = self.notices.get_nowait()
+            except queue.Empty:
+                break
+            self._observe(state, path, now, closed=closed)
+        for state in self.states:
+            ready = self._ready(state, now)
+            for start in range(0, len(ready), MAX_ENQUEUE):
+                self.enqueue(state, ready[start : start + MAX_ENQUEUE])
+
+    def _observe(self, state: InboxState, path: Path, now: float, *, closed: bool) -> None:
+        try:
+            stat = path.stat()
+        except OSError:
+            state.pending.pop(path, None)
+            return
+        signature = (stat.st_size, stat.st_mtime_ns)
+        if state.handled.get(path) == signature:
+            return
+        entry = state.pending.get(path)
+        if entry is None:
+            state.seen += 1
+            # A file unchanged since long before we saw it (present at start, moved in) counts
+            # as settled from its mtime; one being written has a fresh mtime and must wait.
+            entry = state.pending[path] = _Pending(*signature, changed_at=min(now, stat.st_mtime))
+        elif (entry.size, entry.mtime_ns) != signature:
+            entry.size, entry.mtime_ns, entry.changed_at = *signature, now
+            entry.undecodable = False
+        entry.closed = entry.closed or closed
+
+    def _ready(self, state: InboxState, now: float) -> list[Path]:
+        ready = []
+        for path, entry in list(state.pending.items()):
+            if entry.undecodable:
+                if now - entry.changed_at >= self.incomplete_after:
+                    # Unchanged for this long and still not an image: not a slow writer but a
+                    # broken file. Queued, it becomes a failed job with its reason.
+                    del state.pending[path]
+                    state.handled[path] = (entry.size, entry.mtime_ns)
+                    ready.append(path)
+                continue
+            if not entry.closed and now - entry.changed_at < self.settle_seconds:
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                del state.pending[path]
+                continue
+            if (stat.st_size, stat.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                entry.size, entry.mtime_ns, entry.changed_at = stat.st_size, stat.st_mtime_ns, now
+                entry.closed = False
+                continue
+            settled = now - entry.changed_at >= self.settle_seconds
+            # At a close event the file must also end properly: a writer that reopens to append
+            # leaves a decodable prefix behind at every close. A settled file needs only decode.
+            if (settled or has_end_marker(path)) and decodes_completely(
+                path, max_pixels=self.settings.max_image_pixels
+            ):
+                del state.pending[path]
+                state.handled[path] = (entry.size, entry.mtime_ns)
+                ready.append(path)
+            elif entry.closed:
+                # Closed but not whole: a writer that reopens to append; wait for it to settle.
+                entry.closed = False
+                entry.changed_at = now
+            else:
+                entry.undecodable = True
+                if not entry.warned:
+                    entry.warned = True
+                    log.warning(
+                        "%s is not a complete image; waiting for it to change (queued as broken after %g s)",
+                        path,
+                        self.incomplete_after,
+                    )
+        return ready
+
+    def enqueue(self, state: InboxState, paths: list[Path]) -> None:
+        summary = enqueue_images(
+            paths,
+            state.config.request,
+            self.settings,
+            recursive=False,
+            source=[str(state.root)],
+            submission_id=state.submission_id,
+            app=self.app,
+        )
+        state.submission_id = summary.submission_id
+        state.queued += summary.queued
+        state.twins.update(summary.twins)
+        self._finish_twins(state)
+        log.info(
+            "%s: queued %d, already done %d, already queued %d, rejected %d",
+            state.root,
+            summary.queued,
+            summary.already_done,
+            summary.already_queued,
+            summary.rejected,
+        )
+
+    def _finish_twins(self, state: InboxState) -> None:
+        """Copies of an image captioned (or queued) under another path get the same sidecars."""
+        if not state.twins:
+            return
+        with Session(self.engine) as session:
+            jobs = session.exec(select(Job).where(col(Job.id).in_(list(state.twins.values())))).all()
+        by_id = {job.id: job for job in jobs}
+        for twin, job_id in list(state.twins.items()):
+            job = by_id.get(job_id)
+            if job is None or job.status == JobStatus.failed.value:
+                del state.twins[twin]
+            elif job.status == JobStatus.done.value and job.caption is not None:
+                if twin.exists():
+                    record = {**sidecar_record(JobPublic.model_validate(job)), "image": twin.name}
+                    write_sidecars(twin, state.outputs, caption=job.caption, record=record)
+                del state.twins[twin]
+
+    def reconcile(self, state: InboxState) -> None:
+        """Give done jobs of this inbox the sidecars they lack (a worker died after storing)."""
+        self._finish_twins(state)
+        outputs = state.outputs
+        if not (outputs.txt or outputs.json):
+            return
+        with Session(self.engine) as session:
+            jobs = session.exec(
+                select(Job.id, Job.path).where(
+                    col(Job.path).startswith(str(state.root) + os.sep), Job.status == JobStatus.done.value
+                )
+            ).all()
+        for job_id, path in jobs:
+            image = Path(path)
+            if not image.exists() or not state.is_candidate(image):
+                continue
+            missing = (outputs.txt and not sidecar_path(image, ".txt").exists()) or (
+                outputs.json and not sidecar_path(image, ".json").exists()
+            )
+            if missing:
+                assert job_id is not None
+                finish_job_outputs(self.engine, job_id)
+
+    def heartbeat(self) -> None:
+        for state in self.states:
+            if state.watcher_id is not None:
+                db.heartbeat_watcher(
+                    self.engine,
+                    state.watcher_id,
+                    seen=state.seen,
+                    queued=state.queued,
+                    waiting=len(state.pending),
+                    submission_id=state.submission_id,
+                )

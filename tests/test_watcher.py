@@ -1,0 +1,330 @@
+"""Watch folders with real observers on real folders, a real Redis and a real worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlmodel import Session, select
+
+from joycap_queue import db
+from joycap_queue.config import Settings
+from joycap_queue.images import hash_file
+from joycap_queue.models import Job, Submission
+from joycap_queue.sidecars import sidecar_path
+from joycap_queue.watchconfig import inbox_config
+from joycap_queue.watcher import FolderWatcher
+from tests.conftest import Service, wait_until
+
+SETTLE = 1.0
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
+    image = Image.effect_noise(size, 40 + seed % 50).convert("RGB")
+    image.putpixel((0, 0), (seed % 256, seed // 256 % 256, 7))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def settings_of(service: Service) -> Settings:
+    env = service.env
+    return Settings(
+        broker_url=env["JOYCAP_BROKER_URL"],
+        database_url=env["JOYCAP_DATABASE_URL"],
+        queue=env["JOYCAP_QUEUE"],
+        model=env["JOYCAP_MODEL"],
+        max_new_tokens=int(env["JOYCAP_MAX_NEW_TOKENS"]),
+        data_dir=Path(env["JOYCAP_DATA_DIR"]),
+    )
+
+
+class RunningWatcher:
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self.watcher = watcher
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.watcher.run()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def start_watcher() -> Iterator[Callable[..., RunningWatcher]]:
+    running: list[RunningWatcher] = []
+
+    def start(
+        service: Service,
+        inbox: Path,
+        *,
+        polling: bool = False,
+        incomplete_after: float = 600,
+        **params: object,
+    ) -> RunningWatcher:
+        settings = settings_of(service)
+        defaults: dict[str, object] = {"caption_type": "Descriptive", "length": "short", "sidecar": ("txt",)}
+        config = inbox_config(inbox, settings, {**defaults, **params})
+        watcher = FolderWatcher(
+            [config],
+            settings,
+            settle_seconds=SETTLE,
+            rescan_seconds=2,
+            polling=polling,
+            incomplete_after=incomplete_after,
+        )
+        handle = RunningWatcher(watcher)
+        handle.thread.start()
+        wait_until(
+            lambda: watcher.observer is not None or handle.error is not None, timeout=20, what="watcher"
+        )
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        if handle.thread.is_alive():
+            handle.stop()
+
+
+def jobs(database_url: str) -> list[Job]:
+    with Session(db.get_engine(database_url)) as session:
+        return list(session.exec(select(Job).order_by(Job.id)))
+
+
+def sent_messages(database_url: str) -> int:
+    """How many caption messages intake sent: the sum of every submission's queued count."""
+    with Session(db.get_engine(database_url)) as session:
+        return sum(s.queued for s in session.exec(select(Submission)))
+
+
+def assert_captioned_once(database_url: str, images: list[Path], *, sidecars: bool = True) -> None:
+    rows = jobs(database_url)
+    by_path: dict[str, list[Job]] = {}
+    for job in rows:
+        by_path.setdefault(job.path, []).append(job)
+    assert sorted(by_path) == sorted(str(p) for p in images)
+    for image in images:
+        assert len(by_path[str(image)]) == 1, f"{image} has {len(by_path[str(image)])} jobs"
+        [job] = by_path[str(image)]
+        assert job.status == "done", (image, job.error)
+        assert job.content_hash == hash_file(image)[0], f"{image} was queued before it was complete"
+        if sidecars:
+            # Bytes, not read_text: universal newlines would turn a caption's \r into \n.
+            assert sidecar_path(image, ".txt").read_bytes().decode("utf-8") == job.caption
+    assert sent_messages(database_url) == len(images)
+
+
+def all_done(database_url: str, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        rows = jobs(database_url)
+        return len(rows) >= count and all(job.status in ("done", "failed") for job in rows)
+
+    return check
+
+
+def test_only_finished_files_are_taken_and_each_once(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    service = service_for(sqlite_url)
+    service.start_worker()
+    start_watcher(service, inbox)
+
+    source = tmp_path / "source.png"
+    source.write_bytes(png_bytes(1))
+    shutil.copy(source, inbox / "copied.png")
+
+    (inbox / "renamed.png.part").write_bytes(png_bytes(2))
+    time.sleep(SETTLE * 2)  # long enough to be taken, were it not a temporary name
+    assert not [job.path for job in jobs(sqlite_url) if job.path.endswith(".part")]
+    os.rename(inbox / "renamed.png.part", inbox / "sub" / "renamed.png")
+
+    data = png_bytes(3, (400, 300))
+    chunks = [data[i : i + len(data) // 6] for i in range(0, len(data), len(data) // 6)]
+    with (inbox / "slow-writer.png").open("wb") as handle:  # one open, written over 3 s
+        for chunk in chunks:
+            handle.write(chunk)
+            handle.flush()
+            time.sleep(0.5)
+    data = png_bytes(4, (400, 300))
+    for i in range(0, len(data), len(data) // 5):  # reopened for every chunk: a close each time
+        with (inbox / "appender.png").open("ab") as handle:
+            handle.write(data[i : i + len(data) // 5])
+        time.sleep(0.4)
+
+    (inbox / "notes.txt").write_text("not an image")
+    (inbox / ".hidden.png").write_bytes(png_bytes(5))
+    (inbox / "never-finished.png").write_bytes(png_bytes(6)[:300])
+
+    expected = [
+        inbox / "copied.png",
+        inbox / "sub" / "renamed.png",
+        inbox / "slow-writer.png",
+        inbox / "appender.png",
+    ]
+    wait_until(all_done(sqlite_url, 4), timeout=60, what="the four images")
+    time.sleep(SETTLE * 2)  # the never-finished file has settled by now: it must still not be queued
+    assert_captioned_once(sqlite_url, expected)
+
+
+def test_files_present_before_start_and_a_restart_mid_stream(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    early = []
+    for i in range(10):
+        early.append(inbox / f"early-{i}.png")
+        early[-1].write_bytes(png_bytes(100 + i))
+    service = service_for(sqlite_url)
+    service.start_worker()
+    first = start_watcher(service, inbox)
+    stream = []
+    for i in range(10):
+        stream.append(inbox / f"stream-{i}.png")
+        stream[-1].write_bytes(png_bytes(200 + i))
+        if i == 4:
+            first.stop()  # mid-stream: files 5..9 arrive while no watcher runs
+    second = start_watcher(service, inbox)
+    wait_until(all_done(sqlite_url, 20), timeout=90, what="20 images")
+    second.stop()
+    third = start_watcher(service, inbox)  # a restart with nothing new: nothing queued
+    time.sleep(SETTLE * 2)
+    third.stop()
+    assert_captioned_once(sqlite_url, early + stream)
+
+
+def test_burst_of_a_thousand_files(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    service = service_for(sqlite_url)
+    service.env["JOYCAP_MAX_NEW_TOKENS"] = "1"
+    service.start_worker("--concurrency", "8")
+    start_watcher(service, inbox, sidecar=("none",))
+    images = []
+    for i in range(1000):
+        images.append(inbox / f"{i // 100:02d}" / f"burst-{i:04d}.png")
+        images[-1].parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (i % 256, i // 256, 3)).save(images[-1])
+    wait_until(all_done(sqlite_url, 1000), timeout=300, interval=1, what="1000 images")
+    assert_captioned_once(sqlite_url, images, sidecars=False)
+
+
+def test_polling_mode(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    service = service_for(sqlite_url)
+    service.start_worker()
+    start_watcher(service, inbox, polling=True, sidecar=("txt", "json"))
+    images = []
+    for i in range(3):
+        images.append(inbox / f"polled-{i}.png")
+        images[-1].write_bytes(png_bytes(300 + i))
+    (inbox / "half.png").write_bytes(png_bytes(399)[:200])
+    wait_until(all_done(sqlite_url, 3), timeout=60, what="polled images")
+    time.sleep(SETTLE * 2)
+    assert_captioned_once(sqlite_url, images)
+    import json
+
+    record = json.loads(sidecar_path(images[0], ".json").read_text())
+    assert record["caption"] == sidecar_path(images[0], ".txt").read_bytes().decode("utf-8")
+    assert record["prompt"] == "Write a short detailed description for this image."
+
+
+def test_move_done_and_failed_and_same_stem(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "album").mkdir(parents=True)
+    # Both images of one stem are there when their captions are written: each sidecar takes
+    # its image's full name, and neither overwrites the other.
+    (inbox / "album" / "a.png").write_bytes(png_bytes(400))
+    Image.new("RGB", (30, 20), "teal").save(inbox / "album" / "a.jpg")
+    service = service_for(sqlite_url)
+    service.start_worker()
+    start_watcher(service, inbox, move=True, incomplete_after=3)
+    (inbox / "album" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"not really a jpeg" * 10)
+    # broken.jpg never decodes: after `incomplete_after` unchanged it is queued, and fails.
+    wait_until(all_done(sqlite_url, 3), timeout=60, what="three jobs")
+
+    def moved() -> bool:  # the row's path follows its file right after the status is stored
+        return all("/done/" in job.path or "/failed/" in job.path for job in jobs(sqlite_url))
+
+    wait_until(moved, timeout=10, what="the moves to be recorded")
+    done = {Path(job.path).name: job for job in jobs(sqlite_url)}
+    assert done["a.png"].path == str(inbox / "done" / "album" / "a.png")
+    assert done["a.jpg"].path == str(inbox / "done" / "album" / "a.jpg")
+    assert (inbox / "done" / "album" / "a.png.txt").read_bytes().decode() == done["a.png"].caption
+    assert (inbox / "done" / "album" / "a.jpg.txt").read_bytes().decode() == done["a.jpg"].caption
+    assert done["broken.jpg"].status == "failed"
+    assert done["broken.jpg"].path == str(inbox / "failed" / "album" / "broken.jpg")
+    assert (inbox / "failed" / "album" / "broken.jpg.error.txt").read_text().strip() == done[
+        "broken.jpg"
+    ].error
+    assert sorted(p.name for p in (inbox / "album").iterdir()) == []
+
+
+def test_second_watcher_is_refused_and_status_shows_the_first(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    service = service_for(sqlite_url)
+    running = start_watcher(service, inbox)
+    (inbox / "one.png").write_bytes(png_bytes(500))
+    wait_until(lambda: len(jobs(sqlite_url)) == 1, timeout=30, what="one job")
+    running.watcher.heartbeat()
+    second = subprocess.run(
+        [sys.executable, "-m", "joycap_queue", "watch", str(inbox)],
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1
+    assert f"another watcher is already active on {inbox}" in second.stderr
+    assert "Traceback" not in second.stderr
+    status = service.cli("status")
+    assert f"{inbox}: seen 1, queued 1" in status.stdout, status.stdout
