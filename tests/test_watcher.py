@@ -328,3 +328,35 @@ def test_second_watcher_is_refused_and_status_shows_the_first(
     assert "Traceback" not in second.stderr
     status = service.cli("status")
     assert f"{inbox}: seen 1, queued 1" in status.stdout, status.stdout
+
+
+def test_watch_command_with_a_config_file_stops_cleanly_on_sigterm(
+    sqlite_url: str, service_for: Callable[[str], Service], tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = tmp_path / "watch.toml"
+    config.write_text(
+        'settle_seconds = 1\n[[inbox]]\npath = "inbox"\ncaption_type = "MidJourney"\nlength = "any"\n'
+    )
+    service = service_for(sqlite_url)
+    service.start_worker()
+    log = (tmp_path / "watch.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "joycap_queue", "watch", "--config", str(config)],
+        env=service.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: "watching" in (tmp_path / "watch.log").read_text(), timeout=30, what="the watcher")
+        (inbox / "cli.png").write_bytes(png_bytes(600))
+        wait_until(all_done(sqlite_url, 1), timeout=60, what="the dropped image")
+        assert_captioned_once(sqlite_url, [inbox / "cli.png"])
+        assert jobs(sqlite_url)[0].prompt == "Write a MidJourney prompt for this image."
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    assert "watcher stopped" in (tmp_path / "watch.log").read_text()
+    assert "watchers:" not in service.cli("status").stdout  # the lock row went with it
