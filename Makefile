@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[worker,datasets,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "fancyfeast/llama-joycaption-beta-one-hf-llava"
@@ -50,13 +50,32 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     greedy: bool = False
 
-    concurrency: int = Field(default=4, ge=1, le=256)
+    # Jobs in flight per worker process; 0 means twice the batch size, so one batch is decoded and
+    # prepared on the task threads while the previous one is on the GPU.
+    concurrency: int = Field(default=0, ge=0, le=512)
+    # transformers (default), vllm (in-process engine), openai (a remote OpenAI-compatible server),
+    # null (no model, a fixed caption: measures the pipeline's own cost; never a default).
+    backend: Literal["transformers", "vllm", "openai", "null"] = "transformers"
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    batch_wait_ms: float = Field(default=50.0, ge=0.0, le=60_000.0)
+    # "" (this process, one model), "all", or GPU indices "0,1,3": one worker process per GPU.
+    gpus: str = ""
+    openai_url: str = ""
+    openai_api_key: SecretStr | None = None
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     max_attempts: int = Field(default=3, ge=1)
     task_time_limit_s: int = Field(default=1800, ge=10)
     # Redis re-delivers an unacknowledged message after this long; it must exceed the task time
     # limit or a slow but healthy job gets captioned twice.
     visibility_timeout_s: int = Field(default=7200, ge=20)
     max_image_pixels: int = Field(default=178_956_970, ge=1)
+    # Where `submit-dataset` writes dataset images, named by content hash [default: DATA_DIR/images].
+    # Workers read them by path: with workers on other machines, a shared folder mounted at the
+    # same path everywhere.
+    image_store: Path | None = None
+    # Flower's basic auth; the password is a secret: never printed, passed to Flower by environment.
+    flower_user: str = ""
+    flower_password: SecretStr | None = None
 
     @field_validator("top_p", "top_k", mode="before")
     @classmethod
@@ -64,6 +83,19 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
             return None
         return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_list(cls, value: str) -> str:
+        value = value.replace(" ", "")
+        if value.lower() in ("", "all"):
+            return value.lower()
+        ids = value.split(",")
+        # Indices as nvidia-smi numbers them, or GPU/MIG UUIDs, as CUDA_VISIBLE_DEVICES takes them.
+        valid = all(i.isdigit() or i.startswith(("GPU-", "MIG-")) for i in ids)
+        if not valid or len(set(ids)) != len(ids):
+            raise ValueError(f"gpus must be 'all' or distinct GPU indices like 0,1,3, not {value!r}")
+        return ",".join(ids)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -75,8 +107,24 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def effective_concurrency(self) -> int:
+        return self.concurrency or 2 * self.batch_size
+
+    @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'joycap.db'}"
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The settings as JOYCAP_* variables, to hand to a child process (secrets included, by design:
+    the environment is how a worker or Flower receives them without them showing in `ps`)."""
+    environment = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        environment[f"JOYCAP_{name.upper()}"] = text
+    return environment
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,7 +23,9 @@ from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
 from joycap_queue.request import CaptionRequest, dedup_key
 from joycap_queue.sidecars import OutputOptions, finish_failed
 
-INSERT_BATCH = 500
+# Rows per INSERT and COMMIT, then their messages. Each SQLite commit costs ~15 ms at 100,000
+# rows (WAL frames, checkpoints): 2,000 a commit submits ~6,100 files/s here, 500 ~5,400.
+INSERT_BATCH = 2000
 SUBMISSION_COUNTS = ("total", "queued", "already_done", "already_queued", "skipped", "rejected")
 
 
@@ -49,39 +51,53 @@ class _Pending:
     key: str
 
 
-def _job_row(path: Path, request: CaptionRequest) -> dict[str, Any]:
-    content_hash, size = hash_file(path)
-    prompt = request.prompt_for(content_hash)
-    options = request.options
-    custom = bool((options.custom_prompt or "").strip()) or bool(request.prompt_file)
-    row: dict[str, Any] = {
-        "path": str(path),
-        "content_hash": content_hash,
-        "size_bytes": size,
-        "profile": request.profile,
-        "caption_type": None if custom else options.caption_type,
-        "caption_length": None if custom else options.length,
-        "extra_options": json.dumps([] if custom else list(options.extra)),
-        "name": options.name,
-        "prompt": prompt,
-        "model": request.model,
-        "gen_params": json.dumps(request.gen_params, sort_keys=True),
-        "prepend": request.prepend,
-        "append": request.append,
-        "outputs": request.outputs.to_json(),
-        "dedup_key": dedup_key(content_hash, prompt, request),
-        # Every row carries every key: one executemany insert needs the same columns per row.
-        "width": None,
-        "height": None,
-        "status": JobStatus.queued.value,
-        "error": None,
-        "finished_at": None,
-    }
-    try:
-        row["width"], row["height"] = probe_image(path)
-    except ImageError as exc:
-        row.update(status=JobStatus.failed.value, error=str(exc), finished_at=utcnow())
-    return row
+class _RowBuilder:
+    """Job rows for one request. What every row shares is computed once, not per file: building
+    the prompt and serializing the options cost about 100 µs a file, a third of a 5,000 files/s
+    budget."""
+
+    def __init__(self, request: CaptionRequest) -> None:
+        self.request = request
+        options = request.options
+        custom = bool((options.custom_prompt or "").strip()) or bool(request.prompt_file)
+        # A prompt file draws per image (seeded by its content); any other prompt is one string.
+        draws = bool(request.prompt_file) and not (options.custom_prompt or "").strip()
+        self.fixed_prompt = None if draws else request.prompt_for("")
+        self.shared: dict[str, Any] = {
+            "profile": request.profile,
+            "caption_type": None if custom else options.caption_type,
+            "caption_length": None if custom else options.length,
+            "extra_options": json.dumps([] if custom else list(options.extra)),
+            "name": options.name,
+            "model": request.model,
+            "gen_params": json.dumps(request.gen_params, sort_keys=True),
+            "prepend": request.prepend,
+            "append": request.append,
+            "outputs": request.outputs.to_json(),
+            # Every row carries every key: one executemany insert needs the same columns per row.
+            "width": None,
+            "height": None,
+            "status": JobStatus.queued.value,
+            "error": None,
+            "finished_at": None,
+        }
+
+    def row(self, path: Path) -> dict[str, Any]:
+        content_hash, size = hash_file(path)
+        prompt = self.fixed_prompt if self.fixed_prompt is not None else self.request.prompt_for(content_hash)
+        row = dict(self.shared)
+        row.update(
+            path=str(path),
+            content_hash=content_hash,
+            size_bytes=size,
+            prompt=prompt,
+            dedup_key=dedup_key(content_hash, prompt, self.request),
+        )
+        try:
+            row["width"], row["height"] = probe_image(path)
+        except ImageError as exc:
+            row.update(status=JobStatus.failed.value, error=str(exc), finished_at=utcnow())
+        return row
 
 
 def enqueue_images(
@@ -119,6 +135,7 @@ def enqueue_images(
         )
         summary.submission_id = submission.id
         pending: list[_Pending] = []
+        rows = _RowBuilder(request)
         files = list(discover(paths, recursive=recursive))
         if on_start is not None:
             on_start(len(files))
@@ -130,7 +147,7 @@ def enqueue_images(
                 summary.skipped += 1
                 continue
             try:
-                row = _job_row(found.path, request)
+                row = rows.row(found.path)
             except OSError as exc:
                 summary.rejected += 1
                 summary.rejections.append((str(found.path), exc.strerror or str(exc)))
@@ -186,7 +203,11 @@ def _flush(
         job_id, status = (found.id, found.status) if found else (None, JobStatus.queued.value)
         if found is not None and found.path != item.row["path"] and status != JobStatus.failed.value:
             summary.twins.append((Path(item.row["path"]), found.id))
-        if force and job_id is not None and status in (JobStatus.done.value, JobStatus.failed.value):
+        # A cancelled job was only put off: submitting its image again queues it again.
+        requeue = status == JobStatus.cancelled.value or (
+            force and status in (JobStatus.done.value, JobStatus.failed.value)
+        )
+        if requeue and job_id is not None:
             to_reset.append(job_id)
         elif status == JobStatus.done.value:
             summary.already_done += 1

@@ -1,4 +1,4 @@
-"""JoyCaption behind one class: ``load()`` once per process, ``caption(batch)`` from any thread.
+"""The ``transformers`` backend: JoyCaption behind ``load()`` once per process and ``caption(batch)``.
 
 The prompt and generation follow upstream's batch script (fpgaminer/joycaption
 ``scripts/batch-caption.py``): chat template as text, one BOS, the image token repeated
@@ -14,13 +14,20 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
+from worker.backends.base import (
+    Backend,
+    CaptionInput,
+    CaptionOutput,
+    GenerationParams,
+    ModelLoadError,
+)
+from worker.backends.encoding import PromptEncoder
 from worker.preprocess import preprocess_image
 
 __all__ = [
@@ -36,62 +43,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EOT = "<|eot_id|>"
-END_HEADER = "<|end_header_id|>"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelLoadError(RuntimeError):
-    """The model or its tokenizer cannot be loaded; the message is one line a user can act on."""
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling settings; upstream's defaults. ``temperature == 0`` means greedy."""
-
-    temperature: float = 0.6
-    top_p: float | None = 0.9
-    top_k: int | None = None
-    max_new_tokens: int = 256
-    greedy: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be 0 or more, not {self.temperature}")
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate``; every sampling filter is set, on or explicitly off."""
-        if self.greedy or self.temperature == 0:
-            # Sampling knobs beside do_sample=False only earn warnings.
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {
-            "do_sample": True,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            # An omitted knob is not "off": generate fills it from generation_config, then from
-            # transformers' global defaults, and those include top_k=50. 0 and 1.0 disable them.
-            "top_k": self.top_k or 0,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-        }
-
-
 @dataclass
-class CaptionInput:
-    image: Image.Image
-    prompt: str
-    system_prompt: str
+class PreparedImage:
+    """One image ready for ``generate``: its prompt ids (image token expanded) and its pixels."""
 
-
-@dataclass
-class CaptionOutput:
-    caption: str
-    prompt_tokens: int  # unpadded input ids, the 729 image tokens included
-    output_tokens: int  # generated for this item, its stop token included, padding excluded
+    ids: list[int]
+    pixels: torch.Tensor
 
 
 def resolve_device(device: str) -> str:
@@ -125,12 +85,24 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "~", "/")) or model.count("/") > 1 or "\\" in model
 
 
-class Captioner:
-    """One JoyCaption model; load() once per process; caption() is thread-safe.
+def source_folder(model: str) -> str:
+    """The checkpoint to load: a hub id as given, a folder expanded; ModelLoadError if it is missing."""
+    if not _looks_like_path(model):
+        return model
+    source = str(Path(model).expanduser())
+    if not Path(source).is_dir():
+        raise ModelLoadError(f"model folder not found: {model}")
+    return source
 
-    A lock serializes ``generate``: a GPU runs one batch at a time anyway, and batching several
-    callers' images is the caller's choice, not something done behind its back.
+
+class Captioner(Backend):
+    """One JoyCaption model in transformers; load() once per process; every method is thread-safe.
+
+    A lock serializes ``generate``: a GPU runs one batch at a time anyway, and merging several
+    callers' images into one batch is the batcher's job, not something done behind its back.
     """
+
+    name = "transformers"
 
     def __init__(
         self, model: str, *, device: str = "auto", dtype: str = "auto", torch_threads: int = 0
@@ -144,14 +116,10 @@ class Captioner:
         self.image_seq_length = 0
         self._model: Any = None
         self._tokenizer: Any = None
-        self._image_token_id = -1
-        self._stop_ids: list[int] = []
+        self._encoder: PromptEncoder | None = None
         self._pad_id = 0
-        self._end_header_id: int | None = None
         self._load_lock = threading.Lock()
-        # Guards the tokenizer too: a fast tokenizer used from two threads at once can fail with
-        # "Already borrowed". Reentrant because caption() encodes while holding it.
-        self._generate_lock = threading.RLock()
+        self._generate_lock = threading.Lock()
 
     @property
     def is_loaded(self) -> bool:
@@ -167,6 +135,12 @@ class Captioner:
         self.load()
         return self._model
 
+    @property
+    def encoder(self) -> PromptEncoder:
+        self.load()
+        assert self._encoder is not None
+        return self._encoder
+
     def load(self) -> None:
         """Load the tokenizer and model once; later calls return at once."""
         if self._model is not None:
@@ -179,11 +153,7 @@ class Captioner:
             dtype = resolve_dtype(self.requested_dtype, device)
             if self.torch_threads > 0:
                 torch.set_num_threads(self.torch_threads)
-            source = self.model_id
-            if _looks_like_path(source):
-                source = str(Path(source).expanduser())
-                if not Path(source).is_dir():
-                    raise ModelLoadError(f"model folder not found: {self.model_id}")
+            source = source_folder(self.model_id)
             try:
                 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -211,91 +181,71 @@ class Captioner:
                 time.monotonic() - started,
             )
 
+    def use_model(self, model: Any, tokenizer: Any) -> None:
+        """Adopt a model already in memory instead of loading one (benchmarks build theirs on the GPU)."""
+        with self._load_lock:
+            model.eval()
+            self._configure(model, tokenizer)
+            self.device, self.dtype = str(model.device), model.dtype
+            self._tokenizer, self._model = tokenizer, model
+
     def _configure(self, model: Any, tokenizer: Any) -> None:
-        config = model.config
-        image_token_id = getattr(config, "image_token_index", None)
-        seq_length = getattr(config, "image_seq_length", None)
-        if image_token_id is None or not seq_length:
-            raise ModelLoadError(f"{self.model_id!r} is not a LLaVA checkpoint: no image token in its config")
-        self._image_token_id = int(image_token_id)
-        self.image_seq_length = int(seq_length)
-        self.image_size = int(config.vision_config.image_size)
-        eot_id = tokenizer.convert_tokens_to_ids(EOT)
-        end_header_id = tokenizer.convert_tokens_to_ids(END_HEADER)
-        self._end_header_id = end_header_id if isinstance(end_header_id, int) else None
-        configured = model.generation_config.eos_token_id
-        eos_ids = configured if isinstance(configured, list) else [configured]
-        # Stop at <|eot_id|> even where generation_config omits it: upstream cuts there anyway.
-        self._stop_ids = list(dict.fromkeys(i for i in [eot_id, *eos_ids] if isinstance(i, int)))
+        encoder = PromptEncoder.for_model(
+            tokenizer, model.config, model.generation_config, model_id=self.model_id
+        )
+        self.image_seq_length = encoder.image_seq_length
+        self.image_size = int(model.config.vision_config.image_size)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = model.generation_config.pad_token_id
-        self._pad_id = int(pad) if pad is not None else self._stop_ids[0]
+        self._pad_id = int(pad) if pad is not None else encoder.stop_ids[0]
+        self._encoder = encoder
+
+    def describe(self) -> str:
+        return f"transformers on {self.device} ({self.dtype})"
 
     def encode_prompt(self, prompt: str, system_prompt: str) -> list[int]:
         """Input ids for one image: one BOS, the turns, the image token expanded, the assistant header."""
-        tokenizer = self.tokenizer
-        image_token = tokenizer.convert_ids_to_tokens(self._image_token_id)
-        messages = [
-            {"role": "system", "content": system_prompt},
-            {"role": "user", "content": prompt.strip()},
-        ]
-        with self._generate_lock:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            if image_token not in text:
-                # A checkpoint whose template leaves the image out; without it the model raises.
-                messages[1]["content"] = image_token + messages[1]["content"]
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
-        count = ids.count(self._image_token_id)
-        if count != 1:
-            raise ValueError(f"the prompt holds {count} image tokens ({image_token}); it must hold one")
-        bos = tokenizer.bos_token_id
-        if bos is not None:
-            # One BOS, whether the template wrote it, wrote it twice or left it out.
-            while ids and ids[0] == bos:
-                ids = ids[1:]
-            ids.insert(0, bos)
-        at = ids.index(self._image_token_id)
-        return ids[:at] + [self._image_token_id] * self.image_seq_length + ids[at + 1 :]
+        return self.encoder.expanded_ids(prompt, system_prompt)
 
-    def caption(self, batch: Sequence[CaptionInput], params: GenerationParams) -> list[CaptionOutput]:
-        """Caption a batch in one ``generate`` call; results in input order."""
+    def prepare(self, item: CaptionInput) -> PreparedImage:
+        self.load()
+        return PreparedImage(
+            ids=self.encode_prompt(item.prompt, item.system_prompt),
+            pixels=preprocess_image(item.image, self.image_size),
+        )
+
+    def generate(self, batch: Sequence[PreparedImage], params: GenerationParams) -> list[CaptionOutput]:
+        """Caption prepared images in one ``generate`` call; results in input order."""
         if not batch:
             return []
         self.load()
-        pixels = torch.stack([preprocess_image(item.image, self.image_size) for item in batch])
-        with self._generate_lock:
-            prompts = [self.encode_prompt(item.prompt, item.system_prompt) for item in batch]
-            width = max(len(ids) for ids in prompts)
-            input_ids = torch.tensor([[self._pad_id] * (width - len(ids)) + ids for ids in prompts])
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
-            with torch.inference_mode():
-                generated = self._model.generate(
-                    input_ids=input_ids.to(self._model.device),
-                    pixel_values=pixels.to(self._model.device, self._model.dtype),
-                    attention_mask=attention_mask.to(self._model.device),
-                    suppress_tokens=None,
-                    use_cache=True,
-                    eos_token_id=self._stop_ids,
-                    pad_token_id=self._pad_id,
-                    **params.generate_kwargs(),
-                )
-            new_tokens = generated[:, width:].tolist()
-            return [
-                self._decode(tokens, prompt_tokens=len(ids))
-                for tokens, ids in zip(new_tokens, prompts, strict=True)
-            ]
+        pixels = torch.stack([item.pixels for item in batch])
+        prompts = [item.ids for item in batch]
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor([[self._pad_id] * (width - len(ids)) + ids for ids in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+        with self._generate_lock, torch.inference_mode():
+            generated = self._model.generate(
+                input_ids=input_ids.to(self._model.device),
+                pixel_values=pixels.to(self._model.device, self._model.dtype),
+                attention_mask=attention_mask.to(self._model.device),
+                suppress_tokens=None,
+                use_cache=True,
+                eos_token_id=self.encoder.stop_ids,
+                pad_token_id=self._pad_id,
+                **params.generate_kwargs(),
+            )
+        new_tokens = generated[:, width:].tolist()
+        return [
+            self._decode(tokens, prompt_tokens=len(ids))
+            for tokens, ids in zip(new_tokens, prompts, strict=True)
+        ]
+
+    def release_memory(self) -> None:
+        if str(self.device).startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _decode(self, tokens: list[int], *, prompt_tokens: int) -> CaptionOutput:
-        stop = next((i for i, token in enumerate(tokens) if token in self._stop_ids), None)
-        output_tokens = len(tokens) if stop is None else stop + 1
-        reply = tokens if stop is None else tokens[:stop]
-        # Upstream keeps only what follows the last <|end_header_id|>; the prompt's own header is
-        # already sliced off, so this matters only for a reply that writes a header itself.
-        if self._end_header_id in reply:
-            reply = reply[len(reply) - reply[::-1].index(self._end_header_id) :]
-        text = self._tokenizer.decode(reply, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        # NUL is never part of a caption, and PostgreSQL text columns refuse it outright.
-        text = text.replace("\x00", "").strip()
+        text, output_tokens = self.encoder.decode_reply(tokens)
         return CaptionOutput(caption=text, prompt_tokens=prompt_tokens, output_tokens=output_tokens)

@@ -22,7 +22,8 @@ from joycap_queue.config import Settings
 from joycap_queue.images import ImageError, open_image_rgb, read_verified
 from joycap_queue.prompts import system_prompt
 from joycap_queue.sidecars import finish_job_outputs
-from worker.captioner import Captioner, CaptionInput, GenerationParams
+from worker.backends.base import CaptionInput, GenerationParams
+from worker.batcher import CaptionService
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class JobOutcome:
 
 
 def run_caption_job(
-    job_id: int, *, engine: Engine, captioner: Captioner, settings: Settings, worker_name: str
+    job_id: int, *, engine: Engine, captioner: CaptionService, settings: Settings, worker_name: str
 ) -> JobOutcome:
     claim = db.claim_job(engine, job_id, worker=worker_name, max_attempts=settings.max_attempts)
     if claim.job is None:
@@ -55,8 +56,9 @@ def run_caption_job(
         data = read_verified(Path(job.path), job.content_hash)
         image = open_image_rgb(io.BytesIO(data), max_pixels=settings.max_image_pixels)
         params = GenerationParams(**json.loads(job.gen_params or "{}"))
-        [output] = captioner.caption(
-            [CaptionInput(image=image, prompt=job.prompt, system_prompt=system_prompt(job.profile))], params
+        # Decoded here, on the task thread; the batcher prepares it here too, then waits for its batch.
+        output = captioner.caption_one(
+            CaptionInput(image=image, prompt=job.prompt, system_prompt=system_prompt(job.profile)), params
         )
     except ImageError as exc:
         return _failed(engine, job_id, str(exc))

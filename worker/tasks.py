@@ -1,4 +1,4 @@
-"""The Celery task: a thin shell that hands a job id to `run_caption_job`."""
+"""The Celery task: a thin shell that hands a job id to `run_caption_job` and the process's batcher."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from joycap_queue.config import get_settings
 from joycap_queue.queue import CAPTION_TASK
 from worker.app import app
 from worker.jobs import run_caption_job
-from worker.runtime import get_captioner
+from worker.runtime import get_batcher
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def caption(self: Task, job_id: object) -> str:
     outcome = run_caption_job(
         job_id,
         engine=db.get_engine(settings.effective_database_url),
-        captioner=get_captioner(settings),
+        captioner=get_batcher(settings),
         settings=settings,
         worker_name=self.request.hostname or socket.gethostname(),
     )

@@ -10,10 +10,12 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import SecretStr, ValidationError
 
 from joycap_queue import db
 from joycap_queue.cli.options import (
@@ -40,12 +42,14 @@ def export_settings(settings: Settings) -> None:
         if value is None:
             os.environ.pop(f"JOYCAP_{name.upper()}", None)
         else:
-            os.environ[f"JOYCAP_{name.upper()}"] = str(value)
+            # A secret travels to this process's modules and children only, never to any output.
+            text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+            os.environ[f"JOYCAP_{name.upper()}"] = text
     get_settings.cache_clear()
 
 
 def load_captioner(settings: Settings) -> Any:
-    from worker.captioner import ModelLoadError
+    from worker.backends import ModelLoadError
     from worker.runtime import get_captioner
 
     try:
@@ -54,16 +58,71 @@ def load_captioner(settings: Settings) -> Any:
         raise JoycapError(str(exc)) from None
 
 
+WORKER_SETTINGS = ("backend", "batch_size", "batch_wait_ms", "gpus", "openai_url")
+GENERATE_SWITCH_INTERVAL_S = 0.0005
+
+
+def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
+    """The settings with the worker's own options laid over them, validated; one line if invalid."""
+    given = {name: params[name] for name in WORKER_SETTINGS if params.get(name) is not None}
+    if not given:
+        return settings
+    try:
+        return Settings(**{**settings.model_dump(), **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        raise click.BadParameter(error["msg"], param_hint=f"'--{field.replace('_', '-')}'") from None
+
+
 @click.command()
+@click.option(
+    "--backend",
+    envvar="JOYCAP_BACKEND",
+    show_envvar=True,
+    type=click.Choice(["transformers", "vllm", "openai", "null"]),
+    help="transformers (default); vllm (in-process engine, the [vllm] extra); openai (send each image "
+    "to an OpenAI-compatible server at --openai-url); null (no model: a fixed caption, for measuring "
+    "the queue itself).",
+)
+@click.option(
+    "--batch-size",
+    "-b",
+    type=int,
+    envvar="JOYCAP_BATCH_SIZE",
+    show_envvar=True,
+    help="Most images per generate call; in-flight jobs are merged up to this [default: 8].",
+)
+@click.option(
+    "--batch-wait-ms",
+    type=float,
+    envvar="JOYCAP_BATCH_WAIT_MS",
+    show_envvar=True,
+    help="Longest wait for a batch to fill before it runs anyway [default: 50].",
+)
 @click.option(
     "--concurrency",
     "-c",
     type=int,
     envvar="JOYCAP_CONCURRENCY",
     show_envvar=True,
-    help="Jobs in flight in this worker process, on threads sharing one model [default: 4].",
+    help="Jobs in flight in this worker process, on threads sharing one model; for the openai "
+    "backend, requests in flight [default: twice the batch size].",
 )
-@click.option("--hostname", "-n", help="Celery node name [default: joycap@<host>].")
+@click.option(
+    "--gpus",
+    envvar="JOYCAP_GPUS",
+    show_envvar=True,
+    help="One worker process per GPU, each with its own model: 'all' or indices like 0,1,3.",
+)
+@click.option(
+    "--openai-url",
+    envvar="JOYCAP_OPENAI_URL",
+    show_envvar=True,
+    help="Base URL of the OpenAI-compatible server for --backend openai, e.g. http://gpu-box:8000/v1 "
+    "(its key, if any, only from JOYCAP_OPENAI_API_KEY).",
+)
+@click.option("--hostname", "-n", help="Celery node name [default: joycap@<host>; gpuN@<host> per GPU].")
 @click.option(
     "--queue", "-Q", envvar="JOYCAP_QUEUE", show_envvar=True, help="Queue to consume [default: joycap]."
 )
@@ -95,22 +154,54 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
       joycap-queue worker
       JOYCAP_MODEL=fancyfeast/llama-joycaption-beta-one-hf-llava joycap-queue worker -c 8
       joycap-queue worker --model ./tiny-model --device cpu
+      joycap-queue worker --gpus all -b 16
+      joycap-queue worker --backend openai --openai-url http://127.0.0.1:8000/v1 -c 32
     """
-    settings = build_settings(params)
+    settings = with_worker_options(build_settings(params), params)
+    if not settings.torch_threads:
+        # The generate thread gets all cores but one: on a CPU, torch's spinning intra-op threads
+        # on every core starve the task threads that decode and prepare the next batch (measured:
+        # 2 threads on 2 cores ran the tiny model's queue at 0.6x the speed of 1 thread).
+        settings = settings.model_copy(update={"torch_threads": max(1, (os.cpu_count() or 2) - 1)})
     tiny_model_notice(settings.model)
     db.get_engine(settings.effective_database_url)
     ping_broker(make_celery(settings))
     export_settings(settings)
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    captioner = load_captioner(settings)
-    click.echo(f"model {settings.model} loaded on {captioner.device}", err=True)
+    if settings.gpus:
+        # This process only supervises: it never imports torch, so no CUDA state can leak into
+        # the children, which are fresh interpreters (spawned, not forked).
+        from worker.gpus import run_per_gpu
+
+        raise SystemExit(run_per_gpu(settings, hostname=hostname, loglevel=loglevel))
+    if settings.backend == "null":
+        click.secho(
+            "warning: null backend: no model runs and every caption is a fixed placeholder "
+            "(for measuring the queue's own cost)",
+            fg="yellow",
+            err=True,
+        )
+    backend = load_captioner(settings)
+    from worker.runtime import get_batcher, reuse_redis_clients
+
+    get_batcher(settings)
+    reuse_redis_clients()
+    # The generate thread releases the GIL around every torch op and must get it back at once;
+    # at the default 5 ms a task thread holding it (decoding, the database) slowed each batch by
+    # about 12% on the tiny model (bench/batching.py).
+    sys.setswitchinterval(GENERATE_SWITCH_INTERVAL_S)
+    click.echo(
+        f"model {settings.model} loaded: {backend.describe()}, batches of up to {settings.batch_size}, "
+        f"{settings.effective_concurrency} jobs in flight",
+        err=True,
+    )
     from worker.app import app
 
     app.worker_main(
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={settings.concurrency}",
+            f"--concurrency={settings.effective_concurrency}",
             f"--queues={settings.queue}",
             f"--hostname={hostname or 'joycap@' + socket.gethostname()}",
             f"--loglevel={loglevel}",

@@ -1,0 +1,87 @@
+"""The queue's own cost per job: 2,000 jobs through Redis, a worker and SQLite with the null backend.
+
+Measured from the first file submitted until the database says the last job is done, minus
+what the same null backend costs in a plain loop over the same files (read, decode, caption),
+per job. What remains is Redis, Celery, the claim and the result writes, and the content check.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import machine, make_images, print_table, record, stack
+from joycap_queue.images import open_image_rgb
+from joycap_queue.intake import CaptionRequest, enqueue_images
+from joycap_queue.prompts import CaptionOptions, system_prompt
+from worker.backends.base import CaptionInput, GenerationParams
+from worker.backends.null import NullBackend
+
+JOBS = 2000
+MODEL = "bench/null-model"
+TARGET_MS = 2.0
+
+
+def plain_loop(paths: list[Path], request: CaptionRequest) -> float:
+    """Seconds for the null backend over the files, the way a one-off script would run it."""
+    backend = NullBackend(MODEL)
+    params = GenerationParams(**request.gen_params)
+    prompt = request.prompt_for("")
+    started = time.perf_counter()
+    for path in paths:
+        image = open_image_rgb(io.BytesIO(path.read_bytes()), max_pixels=178_956_970)
+        backend.caption([CaptionInput(image, prompt, system_prompt(request.profile))], params)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    request = CaptionRequest(
+        profile="beta-one",
+        model=MODEL,
+        options=CaptionOptions(),
+        gen_params={"max_new_tokens": 256, "greedy": True},
+    )
+    with tempfile.TemporaryDirectory(prefix="joycap-bench-images-") as tmp, stack(MODEL) as running:
+        paths = make_images(Path(tmp), JOBS)
+        loop_s = min(plain_loop(paths, request) for _ in range(3))
+        running.start_worker("--backend", "null", "--batch-size", "8")
+        started = time.monotonic()
+        summary = enqueue_images([tmp], request, running.settings())
+        submitted = time.monotonic()
+        ended = running.wait_finished(JOBS, timeout=600)
+        failed = running.failed()
+    if summary.queued != JOBS or failed:
+        raise RuntimeError(f"queued {summary.queued} of {JOBS}; failed: {failed[:3]}")
+    queue_ms = (ended - started) / JOBS * 1000
+    loop_ms = loop_s / JOBS * 1000
+    overhead_ms = queue_ms - loop_ms
+    print_table(
+        f"Queue overhead, null backend, {JOBS} jobs (Redis + 1 worker, batch 8 + SQLite), {machine()['cores']} cores",
+        ["path", "ms/job", "jobs/s"],
+        [
+            ("plain loop (read, decode, caption)", loop_ms, 1000 / loop_ms),
+            ("through the queue (submit to done)", queue_ms, 1000 / queue_ms),
+            (f"overhead (target < {TARGET_MS} ms)", overhead_ms, ""),
+        ],
+    )
+    print(f"(submitting took {submitted - started:.2f} s of the {ended - started:.2f} s)")
+    record(
+        {
+            "queue_overhead_ms_per_job": round(overhead_ms, 3),
+            "queue_overhead_detail": {
+                "jobs": JOBS,
+                "queue_ms_per_job": round(queue_ms, 3),
+                "loop_ms_per_job": round(loop_ms, 3),
+                "submit_s": round(submitted - started, 3),
+                "target_ms": TARGET_MS,
+                "database": "sqlite",
+                "machine": machine(),
+            },
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What every caption backend takes and gives, and the interface the batcher drives.
+
+No torch here: the ``openai`` and ``null`` backends, and the batcher, run without it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from PIL import Image
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its tokenizer cannot be loaded; the message is one line a user can act on."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings; upstream's defaults. ``temperature == 0`` means greedy.
+
+    ``min_new_tokens`` forces a length (benchmarks compare like with like: random weights stop
+    at random places); 0, the default, lets every caption stop at its end-of-turn token.
+    """
+
+    temperature: float = 0.6
+    top_p: float | None = 0.9
+    top_k: int | None = None
+    max_new_tokens: int = 256
+    greedy: bool = False
+    min_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 or more, not {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be between 0 and max_new_tokens, not {self.min_new_tokens}"
+            )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+    def to_dict(self) -> dict[str, object]:
+        described = asdict(self)
+        if not self.min_new_tokens:
+            # Left out when unused, so job rows and dedup keys written before it existed still match.
+            del described["min_new_tokens"]
+        return described
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' ``generate``; every sampling filter is set, on or off."""
+        forced = {"min_new_tokens": self.min_new_tokens} if self.min_new_tokens else {}
+        if self.is_greedy:
+            # Sampling knobs beside do_sample=False only earn warnings.
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **forced}
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            # An omitted knob is not "off": generate fills it from generation_config, then from
+            # transformers' global defaults, and those include top_k=50. 0 and 1.0 disable them.
+            "top_k": self.top_k or 0,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            **forced,
+        }
+
+
+@dataclass
+class CaptionInput:
+    image: Image.Image
+    prompt: str
+    system_prompt: str
+
+
+@dataclass
+class CaptionOutput:
+    caption: str
+    prompt_tokens: int  # unpadded input ids, the 729 image tokens included
+    output_tokens: int  # generated for this item, its stop token included, padding excluded
+
+
+def squish_resize(image: Image.Image, size: int) -> Image.Image:
+    """RGB, squished to ``size`` x ``size`` with LANCZOS: upstream's resize, shared by every backend.
+
+    RGB comes first so a palette or alpha image is resized as colours, not as palette indices.
+    An image already at that size and mode comes back as it is, so applying it twice is harmless.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def clean_caption(text: str) -> str:
+    # NUL is never part of a caption, and PostgreSQL text columns refuse it outright.
+    return text.replace("\x00", "").strip()
+
+
+class Backend(ABC):
+    """One way to turn prepared images into captions; one instance per worker process.
+
+    ``prepare`` runs on the task threads (image resize, tokenization) so the thread that calls
+    ``generate`` never waits for them; ``generate`` runs a whole batch in one call.
+    """
+
+    name: ClassVar[str]
+    # False: every request goes to ``generate`` alone, straight from its task thread (a remote
+    # server batches for itself, and many requests in flight are what keep it busy).
+    batches: ClassVar[bool] = True
+    model_id: str
+    device: str = "?"
+
+    @abstractmethod
+    def load(self) -> None:
+        """Make the backend ready; idempotent. ``ModelLoadError`` with one line if it cannot be."""
+
+    @abstractmethod
+    def prepare(self, item: CaptionInput) -> Any:
+        """Everything about one image that can be done off the generate thread."""
+
+    @abstractmethod
+    def generate(self, batch: Sequence[Any], params: GenerationParams) -> list[CaptionOutput]:
+        """Captions for prepared items, in order, from one model call."""
+
+    def caption(self, batch: Sequence[CaptionInput], params: GenerationParams) -> list[CaptionOutput]:
+        """Prepare and caption a batch right here: the ``caption`` command and plain loops."""
+        if not batch:
+            return []
+        self.load()
+        return self.generate([self.prepare(item) for item in batch], params)
+
+    def release_memory(self) -> None:  # noqa: B027 - a hook; most backends hold no cache
+        """Give back cached accelerator memory after an out-of-memory error."""
+
+    def describe(self) -> str:
+        return f"{self.name} backend on {self.device}"

@@ -1,0 +1,191 @@
+"""Dynamic batching: the worker's task threads hand in one image each; one thread runs the model.
+
+A task thread prepares its image (resize, pixels, prompt ids) itself, off the generate thread,
+then queues it and waits on a Future. The generate thread takes the oldest request, adds every
+queued request with the same generation parameters up to the batch size, waits at most
+``wait_ms`` for more to arrive, and runs them in one ``generate`` call. Mixed prompts share a
+batch; mixed generation parameters cannot (one ``generate`` call has one set of them).
+
+Failures stay with their image: a batch that raises is split in halves and each half is run
+again, down to single images, so only the culprit fails. An out-of-memory error splits the
+same way and also lowers the batch size for good, to the largest size that ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.backends.base import Backend, CaptionInput, CaptionOutput, GenerationParams
+
+log = logging.getLogger(__name__)
+
+# How long past ``wait_ms`` a batch may wait for images still being prepared to join it.
+PREPARE_GRACE_S = 1.0
+
+
+class CaptionService(Protocol):
+    """What a caption job needs: the model's name, and one caption at a time from any thread."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput: ...
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, recognised without importing torch."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _Request:
+    prepared: Any
+    params: GenerationParams
+    future: Future[CaptionOutput] = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Merges concurrent callers' images into batches for one backend; one per worker process."""
+
+    def __init__(self, backend: Backend, *, max_batch_size: int = 8, wait_ms: float = 50.0) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.wait_s = max(wait_ms, 0.0) / 1000.0
+        self.batches_run = 0
+        self.largest_batch = 0
+        self._pending: deque[_Request] = deque()
+        # Requests being prepared on task threads right now: they will be ready within
+        # milliseconds, so a batch that they would fill waits for them instead of leaving without.
+        self._preparing = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+    def start(self) -> Batcher:
+        """Start the generate thread (idempotent); requests queued before it wait for it."""
+        with self._cond:
+            if self._thread is None and self.backend.batches:
+                self._thread = threading.Thread(target=self._run, name="joycap-generate", daemon=True)
+                self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop after the requests already queued; new ones are refused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:
+        """Prepare the image on this thread, then wait for its caption from a shared batch."""
+        if not self.backend.batches:
+            [output] = self.backend.generate([self.backend.prepare(item)], params)
+            return output
+        with self._cond:
+            self._preparing += 1
+        request: _Request | None = None
+        queued = False
+        try:
+            request = _Request(self.backend.prepare(item), params)
+        finally:
+            # Queued in the same breath as it stops counting as "being prepared", so the generate
+            # thread never sees it as neither and leaves without it.
+            with self._cond:
+                self._preparing -= 1
+                if request is not None and not self._closed:
+                    self._pending.append(request)
+                    queued = True
+                self._cond.notify_all()
+        if request is None or not queued:
+            raise RuntimeError("the batcher is closed")
+        self.start()
+        return request.future.result()
+
+    def submit(self, prepared: Any, params: GenerationParams) -> Future[CaptionOutput]:
+        """Queue an item the backend has prepared; its Future holds the caption or the exception."""
+        request = _Request(prepared, params)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(request)
+            self._cond.notify_all()
+        self.start()
+        return request.future
+
+    def _take_batch(self) -> list[_Request] | None:
+        """The next batch: the oldest request and its like, once full or once it waited long enough."""
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            while True:
+                first = self._pending[0]
+                same = [r for r in self._pending if r.params == first.params][: self.max_batch_size]
+                waited = time.monotonic() - first.queued_at
+                limit = self.wait_s + (PREPARE_GRACE_S if self._preparing else 0.0)
+                if len(same) >= self.max_batch_size or self._closed or waited >= limit:
+                    break
+                self._cond.wait(limit - waited)
+            taken = {id(r) for r in same}
+            self._pending = deque(r for r in self._pending if id(r) not in taken)
+            return same
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: Sequence[_Request]) -> None:
+        started = time.monotonic()
+        try:
+            outputs = self.backend.generate([r.prepared for r in batch], batch[0].params)
+        except Exception as exc:  # noqa: BLE001 - every failure is handed to its requests
+            self._recover(batch, exc)
+            return
+        log.info("batch of %d captioned in %.2f s", len(batch), time.monotonic() - started)
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        for request, output in zip(batch, outputs, strict=True):
+            request.future.set_result(output)
+
+    def _recover(self, batch: Sequence[_Request], exc: Exception) -> None:
+        if len(batch) == 1:
+            batch[0].future.set_exception(exc)
+            return
+        half = (len(batch) + 1) // 2
+        if is_out_of_memory(exc):
+            self.backend.release_memory()
+            if half < self.max_batch_size:
+                log.warning("out of memory at batch size %d: batches are now at most %d", len(batch), half)
+                self.max_batch_size = half
+        else:
+            log.warning("a batch of %d failed (%s); running its halves apart", len(batch), _one_line(exc))
+        start = 0
+        while start < len(batch):
+            # Re-read the limit per part: a first half that ran out of memory again lowered it.
+            step = min(half, self.max_batch_size)
+            self._run_batch(batch[start : start + step])
+            start += step
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
