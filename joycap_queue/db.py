@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,12 +18,19 @@ from typing import Any, NamedTuple
 from sqlalchemy import delete, event, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from joycap_queue.config import mask_url
 from joycap_queue.errors import OptionError, ServiceUnavailable
-from joycap_queue.models import Job, JobPublic, JobStatus, Submission, Watcher, utcnow
+from joycap_queue.models import Endpoint, Job, JobPublic, JobStatus, Submission, Watcher, utcnow
+from joycap_queue.search import WhereClause, caption_matches, ensure_search_index
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 
@@ -84,12 +92,28 @@ def _make_engine(url: str) -> Engine:
     except NoSuchModuleError:
         raise OptionError("database_url", f"unsupported database URL: {mask_url(url)}") from None
     try:
-        SQLModel.metadata.create_all(engine)
+        _create_schema(engine)
     except OperationalError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
         raise ServiceUnavailable(f"cannot reach the database at {mask_url(url)}: {reason}") from None
     return engine
+
+
+def _create_schema(engine: Engine, *, attempts: int = 5) -> None:
+    # Processes starting together on a new database (the demo's worker and submit, two workers)
+    # race to create the tables: the loser sees "already exists". Its next look finds them.
+    for attempt in range(attempts):
+        try:
+            SQLModel.metadata.create_all(engine)
+            ensure_search_index(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            text = str(exc.orig or exc).lower()
+            racing = "already exists" in text or "duplicate key" in text
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 @dataclass
@@ -284,16 +308,15 @@ def list_jobs(
     states: Sequence[str] = (),
     submission_id: int | None = None,
     path_pattern: str | None = None,
+    search: str | None = None,
     limit: int | None = None,
 ) -> list[JobPublic]:
     query = select(Job).order_by(col(Job.id))
-    if states:
-        query = query.where(col(Job.status).in_(list(states)))
-    if submission_id is not None:
-        query = query.where(Job.submission_id == submission_id)
-    if path_pattern:
-        like = path_pattern.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
-        query = query.where(or_(col(Job.path).like(like, escape="\\"), col(Job.path) == path_pattern))
+    submissions = [submission_id] if submission_id is not None else []
+    for condition in job_conditions(
+        session, states=states, submission_ids=submissions, path_pattern=path_pattern, search=search
+    ):
+        query = query.where(condition)
     if limit is not None:
         query = query.limit(limit)
     return [JobPublic.model_validate(job) for job in session.exec(query)]
@@ -350,3 +373,53 @@ def active_watchers(session: Session, *, stale_after: timedelta) -> list[Watcher
         .order_by(col(Watcher.inbox))
     )
     return list(session.exec(query))
+
+
+def register_endpoint(engine: Engine, *, kind: str, url: str, host: str, pid: int) -> int:
+    with Session(engine) as session:
+        row = Endpoint(kind=kind, url=url, host=host, pid=pid)
+        session.add(row)
+        session.commit()
+        assert row.id is not None
+        return row.id
+
+
+def heartbeat_endpoint(engine: Engine, endpoint_id: int) -> None:
+    with Session(engine) as session:
+        session.execute(update(Endpoint).where(col(Endpoint.id) == endpoint_id).values(heartbeat_at=utcnow()))
+        session.commit()
+
+
+def release_endpoint(engine: Engine, endpoint_id: int) -> None:
+    with Session(engine) as session:
+        session.execute(delete(Endpoint).where(col(Endpoint.id) == endpoint_id))
+        session.commit()
+
+
+def active_endpoints(session: Session, *, kind: str, stale_after: timedelta) -> list[Endpoint]:
+    query = select(Endpoint).where(
+        Endpoint.kind == kind, col(Endpoint.heartbeat_at) >= utcnow() - stale_after
+    )
+    return list(session.exec(query.order_by(col(Endpoint.id))))
+
+
+def job_conditions(
+    session: Session,
+    *,
+    states: Sequence[str] = (),
+    submission_ids: Sequence[int] = (),
+    path_pattern: str | None = None,
+    search: str | None = None,
+) -> list[WhereClause]:
+    """WHERE clauses on `job` for the filters the CLI offers (results, export, retry, cancel)."""
+    conditions: list[WhereClause] = []
+    if states:
+        conditions.append(col(Job.status).in_(list(states)))
+    if submission_ids:
+        conditions.append(col(Job.submission_id).in_(list(submission_ids)))
+    if path_pattern:
+        like = path_pattern.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
+        conditions.append(or_(col(Job.path).like(like, escape="\\"), col(Job.path) == path_pattern))
+    if search:
+        conditions.append(caption_matches(session, search))
+    return conditions

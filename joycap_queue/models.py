@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Column, Index, Text
+from sqlalchemy import Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -24,6 +24,9 @@ class JobStatus(str, enum.Enum):
     running = "running"
     done = "done"
     failed = "failed"
+    # Taken off the queue by `cancel`: claim_job claims only queued or running jobs, so a worker that
+    # still receives the message skips it; submitting the image again queues it again.
+    cancelled = "cancelled"
 
 
 class SubmissionBase(SQLModel):
@@ -99,6 +102,41 @@ class Watcher(SQLModel, table=True):
     seen: int = 0
     queued: int = 0
     waiting: int = 0
+
+
+class Endpoint(SQLModel, table=True):
+    """A running service others should know of (Flower's URL), kept fresh by a heartbeat."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32, index=True)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    host: str = Field(max_length=255)
+    pid: int
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetRow(SQLModel, table=True):
+    """One row of a submitted dataset and the job that captions it.
+
+    Export writes captions back onto the dataset in its own row order through this table, and a
+    second `submit-dataset` knows which rows already have a caption. A row has one entry per
+    request it was captioned with (another prompt or model is another job).
+    """
+
+    __tablename__ = "dataset_row"
+    __table_args__ = (UniqueConstraint("dataset", "split", "row_index", "job_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    # The source as `submit-dataset` resolved it: an absolute path, or "hub:" and the hub name.
+    dataset: str = Field(sa_column=Column(Text, nullable=False))
+    split: str = Field(max_length=255)
+    row_index: int
+    # The id column's value (im_name), and the name column's value that filled {name}, if any.
+    row_key: str | None = Field(default=None, sa_column=Column(Text))
+    name: str | None = Field(default=None, sa_column=Column(Text))
+    content_hash: str = Field(max_length=64)
+    job_id: int = Field(foreign_key="job.id", index=True)
 
 
 class JobPublic(JobBase):

@@ -14,6 +14,9 @@ from joycap_queue.cli import cli
 
 COMMANDS = [
     ["submit"],
+    ["watch"],
+    ["flower"],
+    ["up"],
     ["status"],
     ["results"],
     ["caption"],
@@ -21,6 +24,11 @@ COMMANDS = [
     ["worker"],
     ["model"],
     ["model", "make-tiny"],
+    ["export"],
+    ["submit-dataset"],
+    ["retry"],
+    ["cancel"],
+    ["forget"],
 ]
 
 

@@ -122,3 +122,19 @@ def test_bad_database_urls_are_one_line_errors(tmp_path: Any) -> None:
     with pytest.raises(ServiceUnavailable) as info:
         db.get_engine("postgresql://joy:hunter2@127.0.0.1:1/nothing")
     assert "hunter2" not in str(info.value) and "cannot reach the database" in str(info.value)
+
+
+def test_processes_racing_to_create_the_schema_all_get_it(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    code = "import sys; from joycap_queue import db; db.get_engine(sys.argv[1]); print('ok')"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    outputs = [process.communicate(timeout=60) for process in processes]
+    assert [out.strip() for out, _err in outputs] == ["ok"] * 6, [err for _out, err in outputs]

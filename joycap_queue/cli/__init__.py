@@ -41,9 +41,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from joycap_queue.cli import inspect, prompt, run, submit, watch
+    from joycap_queue.cli import deploy, export, inspect, manage, prompt, run, submit, watch
 
-    for module in (submit, watch, inspect, prompt, run):
+    for module in (submit, watch, inspect, prompt, run, deploy, export, manage):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -17,6 +17,8 @@ from joycap_queue.cli.output import printable, table
 from joycap_queue.models import JobStatus, utcnow
 from joycap_queue.watcher import STALE_AFTER
 
+FLOWER_STALE = timedelta(seconds=20)
+
 RATE_WINDOW = timedelta(minutes=5)
 STATES = [status.value for status in JobStatus]
 
@@ -43,6 +45,8 @@ def status_report(session: Session, submission_id: int | None) -> tuple[str, dic
     elif remaining:
         lines.append(f"eta: unknown ({remaining} images waiting, nothing finished recently)")
     lines.extend(watcher_lines(session))
+    for endpoint in db.active_endpoints(session, kind="flower", stale_after=FLOWER_STALE):
+        lines.append(f"flower: {endpoint.url} (pid {endpoint.pid} on {endpoint.host})")
     return "\n".join(lines), counts
 
 
@@ -123,6 +127,7 @@ def status(
 @click.option("--state", "states", multiple=True, type=click.Choice(STATES), help="Only jobs in this state.")
 @click.option("--submission", "submission_id", type=int, help="Only this submission.")
 @click.option("--path", "path_pattern", help="Only paths matching this glob (* and ?), e.g. '*/cats/*'.")
+@click.option("--search", help="Only captions containing these words (full-text index), e.g. 'red car'.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many jobs.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array with every field.")
 @click.option("--jsonl", "as_jsonl", is_flag=True, help="One JSON object per line with every field.")
@@ -132,6 +137,7 @@ def results(
     states: tuple[str, ...],
     submission_id: int | None,
     path_pattern: str | None,
+    search: str | None,
     limit: int | None,
     as_json: bool,
     as_jsonl: bool,
@@ -145,12 +151,18 @@ def results(
       joycap-queue results --state done --path '*/cats/*'
       joycap-queue results --state failed
       joycap-queue results --submission 3 --jsonl > captions.jsonl
+      joycap-queue results --search "red car" --full
     """
     settings = build_settings(params)
     engine = db.get_engine(settings.effective_database_url)
     with Session(engine) as session:
         jobs = db.list_jobs(
-            session, states=states, submission_id=submission_id, path_pattern=path_pattern, limit=limit
+            session,
+            states=states,
+            submission_id=submission_id,
+            path_pattern=path_pattern,
+            search=search,
+            limit=limit,
         )
     for model in sorted({job.model for job in jobs}):
         tiny_model_notice(model)

@@ -1,0 +1,176 @@
+"""`cancel`, `retry` and `forget` against a real Redis, a real worker and real databases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from PIL import Image
+from sqlmodel import Session, select
+
+from joycap_queue import db
+from joycap_queue.config import DEFAULT_MODEL, Settings
+from joycap_queue.models import Job
+from joycap_queue.queue import make_celery, send_caption_jobs
+from tests.conftest import Service, wait_until
+
+
+def flat_images(folder: Path, count: int, *, seed: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.png"
+        Image.new("RGB", (32 + i, 24), (seed * 50 % 256, i * 40, 120)).save(path)
+        paths.append(path)
+    return paths
+
+
+def jobs_in(database_url: str) -> list[Job]:
+    with Session(db.get_engine(database_url)) as session:
+        return list(session.exec(select(Job).order_by(Job.id)))
+
+
+def queue_length(service: Service) -> int:
+    client = redis.Redis.from_url(service.env["JOYCAP_BROKER_URL"])
+    try:
+        return int(client.llen(service.env["JOYCAP_QUEUE"]))
+    finally:
+        client.close()
+
+
+def statuses(database_url: str, folder: Path) -> list[str]:
+    return [job.status for job in jobs_in(database_url) if Path(job.path).parent == folder]
+
+
+def test_cancelled_jobs_leave_the_queue_and_workers_skip_them(
+    database_url: str,
+    service_for: Callable[[str], Service],
+    tmp_path: Path,
+) -> None:
+    later = tmp_path / "later"
+    now = tmp_path / "now"
+    flat_images(later, 4, seed=1)
+    flat_images(now, 2, seed=2)
+    service = service_for(database_url)
+    service.cli("submit", str(later), "--greedy")
+    service.cli("submit", str(now), "--greedy")
+    assert queue_length(service) == 6
+
+    cancelled = service.cli("cancel", "--submission", "1")
+    assert "cancelled 4 queued jobs" in cancelled.stdout, cancelled.stdout
+    assert "removed 4 messages from the queue" in cancelled.stderr, cancelled.stderr
+    assert queue_length(service) == 2
+    assert statuses(database_url, later) == ["cancelled"] * 4
+
+    # Submitting a cancelled image again queues it again; cancelling by path takes it off again.
+    resubmitted = service.cli("submit", str(later), "--greedy")
+    assert "queued 4" in resubmitted.stdout, resubmitted.stdout
+    assert "cancelled 4" in service.cli("cancel", "--path", f"{later}/*").stdout
+    assert queue_length(service) == 2
+
+    # Messages a worker already held when the jobs were cancelled: sent again here, they reach
+    # the worker, which must skip them.
+    later_ids = [job.id for job in jobs_in(database_url) if Path(job.path).parent == later]
+    settings = Settings(broker_url=service.env["JOYCAP_BROKER_URL"], queue=service.env["JOYCAP_QUEUE"])
+    send_caption_jobs(make_celery(settings), [i for i in later_ids if i is not None], queue=settings.queue)
+    worker = service.start_worker()
+    wait_until(
+        lambda: (
+            statuses(database_url, now) == ["done", "done"] and worker.log().count("already cancelled") == 4
+        ),
+        timeout=120,
+        what="the worker to caption 2 jobs and skip 4 cancelled ones",
+    )
+    assert queue_length(service) == 0
+    for job in jobs_in(database_url):
+        if Path(job.path).parent == later:
+            assert (job.status, job.attempts, job.caption, job.error) == ("cancelled", 0, None, "cancelled")
+
+    listed = service.cli("results", "--state", "cancelled", "--jsonl")
+    assert len(listed.stdout.splitlines()) == 4
+    assert "cancelled 0 queued jobs" in service.cli("cancel", "--path", "*/nowhere/*").stdout
+
+    retried = service.cli("retry", "--state", "cancelled", "--path", f"{later}/*")
+    assert "queued 4 jobs again" in retried.stdout, retried.stdout
+    wait_until(
+        lambda: statuses(database_url, later) == ["done"] * 4, timeout=120, what="retried jobs to finish"
+    )
+
+
+def test_retry_failed_jobs_with_changed_options(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    tmp_path: Path,
+) -> None:
+    images = flat_images(tmp_path / "in", 3, seed=5)
+    service = service_for(sqlite_url)
+    tiny = service.env["JOYCAP_MODEL"]
+    # One image is also captioned with the options the retry will ask for: that job exists already.
+    twin = service.cli("submit", str(images[0]), "-l", "20", "--max-new-tokens", "8")
+    assert "queued 1" in twin.stdout
+    # The worker holds the tiny model and fails these: they ask for the real one.
+    service.cli("submit", str(tmp_path / "in"), "--model", DEFAULT_MODEL)
+    service.start_worker()
+
+    def failed() -> list[Job]:
+        return [job for job in jobs_in(sqlite_url) if job.status == "failed"]
+
+    wait_until(lambda: len(failed()) == 3, timeout=120, what="3 jobs to fail")
+    before = {job.id: job for job in failed()}
+    assert all("asks for model" in (job.error or "") for job in before.values())
+
+    # Unchanged, they fail again, each in its own row, attempts counted from zero.
+    assert "queued 3 jobs again" in service.cli("retry").stdout
+    wait_until(
+        lambda: len(failed()) == 3 and all(j.finished_at != before[j.id].finished_at for j in failed()),
+        timeout=60,
+        what="the retried jobs to fail again",
+    )
+    assert [job.attempts for job in failed()] == [1, 1, 1]
+
+    retried = service.cli("retry", "--model", tiny, "-l", "20", "--max-new-tokens", "8")
+    assert "queued 2 jobs again with the new options" in retried.stdout, retried.stdout
+    assert "already has that request (done)" in retried.stderr, retried.stderr
+    wait_until(lambda: len(failed()) == 1, timeout=120, what="2 retried jobs to be captioned")
+    jobs = {job.id: job for job in jobs_in(sqlite_url)}
+    assert len(jobs) == 4
+    for job_id, old in before.items():
+        job = jobs[job_id]
+        if job.status == "failed":
+            assert job.path == str(images[0].resolve()) and job.model == DEFAULT_MODEL
+            continue
+        assert job.status == "done" and job.caption, job.error
+        assert job.model == tiny and job.dedup_key != old.dedup_key
+        assert json.loads(job.gen_params)["max_new_tokens"] == 8
+        assert "20 words or less" in job.prompt and job.caption_type == old.caption_type
+
+
+def test_forget_asks_then_deletes_a_submission(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    tmp_path: Path,
+) -> None:
+    flat_images(tmp_path / "a", 3, seed=3)
+    flat_images(tmp_path / "b", 2, seed=4)
+    service = service_for(sqlite_url)
+    service.cli("submit", str(tmp_path / "a"))
+    service.cli("submit", str(tmp_path / "b"))
+    assert queue_length(service) == 5
+
+    refused = service.cli("forget", "--submission", "1", check=False)
+    assert refused.returncode == 1 and "Delete submission 1 and its 3 jobs (queued 3)" in refused.stderr
+    assert len(jobs_in(sqlite_url)) == 5
+
+    forgotten = service.cli("forget", "--submission", "1", "--yes")
+    assert "submission 1: deleted 3 jobs" in forgotten.stdout, forgotten.stdout
+    assert [Path(job.path).parent.name for job in jobs_in(sqlite_url)] == ["b", "b"]
+    assert queue_length(service) == 2
+    status = service.cli("status", "--submission", "1")
+    assert "(total 0)" in status.stdout
+
+    unknown = service.cli("forget", "--submission", "99", "--yes", check=False)
+    assert unknown.returncode == 1 and "no submission 99" in unknown.stderr
+    # Forgotten images are new again.
+    assert "queued 3" in service.cli("submit", str(tmp_path / "a")).stdout
