@@ -15,7 +15,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ from joycap_queue.images import IMAGE_EXTENSIONS, decodes_completely, has_end_ma
 from joycap_queue.intake import enqueue_images
 from joycap_queue.models import Job, JobPublic, JobStatus, Watcher
 from joycap_queue.queue import make_celery
+from joycap_queue.requeue import requeue_lost
 from joycap_queue.sidecars import (
     OutputOptions,
     finish_job_outputs,
@@ -209,6 +210,9 @@ class FolderWatcher:
 
     def start(self) -> None:
         self.acquire()
+        # A watcher that starts after Redis lost its data would otherwise skip the inbox's
+        # images as "already queued" while no message exists for them.
+        requeue_lost(self.settings)
         self.observer = PollingObserver(timeout=self.polling_interval) if self.polling else Observer()
         for state in self.states:
             self.observer.schedule(_Handler(self.notices, state, self.wake), str(state.root), recursive=True)
@@ -229,12 +233,18 @@ class FolderWatcher:
             self.observer = None
         self.release()
 
-    def run(self) -> None:
-        """Watch until `stop()`; releases the inbox locks on the way out."""
+    def run(self, *, on_tick: Callable[[], None] | None = None) -> None:
+        """Watch until `stop()`, releasing the inbox locks on the way out.
+
+        ``on_tick`` runs every tick on this thread; what it raises ends the watch (`up` uses it
+        to notice a worker that died).
+        """
         self.start()
         try:
             last_rescan = last_heartbeat = time.time()
             while not self.stop_event.is_set():
+                if on_tick is not None:
+                    on_tick()
                 self.wake.wait(TICK_S)
                 self.wake.clear()
                 now = time.time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from joycap_queue.cli.output import progress
 from joycap_queue.images import Discovered
 from joycap_queue.intake import enqueue_images
 from joycap_queue.request import build_request
+from joycap_queue.requeue import requeue_lost
 from joycap_queue.watchconfig import output_options as output_options_for
 
 MAX_LISTED_REJECTIONS = 10
@@ -89,4 +91,40 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
         click.echo(f"  … and {more} more (joycap-queue results --state failed)", err=True)
 
 
-COMMANDS = [submit]
+@click.command()
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0),
+    help="Treat a job `running` for longer than this many seconds as lost [default: task time limit + 60].",
+)
+@click.option(
+    "--min-age",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Leave `queued` jobs younger than this alone: their messages may still be on the way.",
+)
+@connection_options
+def requeue(stale_after: float | None, min_age: float, **params: Any) -> None:
+    """Send again the jobs whose messages Redis lost (the database is the source of truth).
+
+    Every job the database holds as queued, or as running for longer than a job can take, gets a
+    new message unless its message is still in Redis (waiting or delivered). Workers and watchers
+    do the same when they start.
+
+    \b
+    Example:
+      joycap-queue requeue        # after Redis restarted without its data
+    """
+    settings = build_settings(params)
+    summary = requeue_lost(
+        settings,
+        stale_after=timedelta(seconds=stale_after) if stale_after is not None else None,
+        in_flight=timedelta(seconds=min_age),
+    )
+    click.echo(
+        f"{summary.candidates} jobs waiting: {summary.alive} still have their message, {summary.sent} sent again"
+    )
+
+
+COMMANDS = [submit, requeue]
