@@ -180,7 +180,6 @@ def test_worker_with_the_null_backend_says_so(
 @pytest.mark.vllm
 def test_vllm_backend_on_a_gpu(tmp_path: Path) -> None:
     from bench.model import build_random_joycaption
-
     from worker.backends.vllm_engine import VllmBackend
 
     folder = build_random_joycaption(tmp_path / "small", size="small")
