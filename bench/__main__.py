@@ -11,7 +11,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["overhead", "batching", "submit"]
+BENCHMARKS = ["overhead", "batching", "submit", "watch"]
 OPTIONAL = ["gpu"]
 
 

@@ -21,7 +21,7 @@ from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import ImageError, open_image_rgb, read_verified
 from joycap_queue.prompts import system_prompt
-from joycap_queue.sidecars import finish_job_outputs
+from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.batcher import CaptionService
 
@@ -85,7 +85,8 @@ def run_caption_job(
         log.info("job %s already finished elsewhere; caption discarded", job_id)
         return JobOutcome(job_id, "skipped", "already finished")
     log.info("job %s done in %.2fs (%d tokens)", job_id, elapsed, output.output_tokens)
-    _finish_outputs(engine, job_id)
+    if OutputOptions.from_json(job.outputs).active:  # most jobs ask for none: skip the re-read
+        _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "done")
 
 
