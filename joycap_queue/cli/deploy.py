@@ -143,6 +143,9 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, raise_interrupt)
+    # A process started in the background by a shell inherits SIGINT ignored, and Python then
+    # installs no Ctrl-C handler: Ctrl-C (or the SIGINT a supervisor sends) must still stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def flower_options(func: Any) -> Any:

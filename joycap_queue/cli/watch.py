@@ -100,6 +100,8 @@ def watch(
         incomplete_after=incomplete_after or config.incomplete_after_seconds or 600.0,
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    # Inherited as ignored when started in the background by a shell; Ctrl-C must still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mode = "polling" if watcher.polling else "inotify"
     for inbox in config.inboxes:
         click.echo(f"watching {inbox.path} ({mode})", err=True)
