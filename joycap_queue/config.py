@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     # Workers read them by path: with workers on other machines, a shared folder mounted at the
     # same path everywhere.
     image_store: Path | None = None
+    # Workers read images only below these folders (comma-separated); empty means anywhere. A
+    # job naming /etc/passwd or ../ outside them fails and nothing is read.
+    allowed_roots: str = ""
+
+    @property
+    def allowed_root_paths(self) -> list[str]:
+        return [
+            os.path.realpath(os.path.expanduser(r.strip()))
+            for r in self.allowed_roots.split(",")
+            if r.strip()
+        ]
+
     # Flower's basic auth; the password is a secret: never printed, passed to Flower by environment.
     flower_user: str = ""
     flower_password: SecretStr | None = None

@@ -180,6 +180,15 @@ def file_error_reason(exc: OSError) -> str:
     return f"cannot read file: {exc.strerror or exc}"
 
 
+def check_allowed(path: Path, roots: list[str]) -> None:
+    """ImageError unless the real path (symlinks and .. resolved) lies below one of ``roots``."""
+    if not roots:
+        return
+    real = os.path.realpath(path)
+    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        raise ImageError("path is outside the allowed roots (JOYCAP_ALLOWED_ROOTS); not read")
+
+
 def read_verified(path: Path, content_hash: str) -> bytes:
     """The file's bytes, provided they are still the bytes that were submitted."""
     try:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from joycap_queue import db
 from joycap_queue.config import Settings
-from joycap_queue.images import ImageError, open_image_rgb, read_verified
+from joycap_queue.images import ImageError, check_allowed, open_image_rgb, read_verified
 from joycap_queue.prompts import system_prompt
 from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
@@ -53,6 +53,7 @@ def run_caption_job(
                 f"job asks for model {job.model} but this worker runs {captioner.model_id}; "
                 "start a worker with that JOYCAP_MODEL"
             )
+        check_allowed(Path(job.path), settings.allowed_root_paths)
         data = read_verified(Path(job.path), job.content_hash)
         image = open_image_rgb(io.BytesIO(data), max_pixels=settings.max_image_pixels)
         params = GenerationParams(**json.loads(job.gen_params or "{}"))

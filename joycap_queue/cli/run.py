@@ -34,6 +34,7 @@ from joycap_queue.errors import JoycapError
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
 from joycap_queue.queue import make_celery, ping_broker
 from joycap_queue.request import build_request
+from joycap_queue.requeue import requeue_lost
 
 
 def export_settings(settings: Settings) -> None:
@@ -166,6 +167,8 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     tiny_model_notice(settings.model)
     db.get_engine(settings.effective_database_url)
     ping_broker(make_celery(settings))
+    # Redis may have lost messages while no worker ran: the database says what is still owed.
+    requeue_lost(settings)
     export_settings(settings)
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.gpus:
