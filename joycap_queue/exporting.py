@@ -26,10 +26,11 @@ from sqlmodel import Session, col
 
 from joycap_queue import db, prompts
 from joycap_queue.errors import JoycapError, OptionError
+from joycap_queue.files import write_atomic
 from joycap_queue.images import IMAGE_EXTENSIONS
 from joycap_queue.models import DatasetRow, Job, JobPublic, JobStatus
 from joycap_queue.request import normalize_model
-from joycap_queue.sidecars import SIDECAR_MODES, merge_caption, write_atomic
+from joycap_queue.sidecars import SIDECAR_MODES, merge_caption
 
 FORMATS = ("csv", "jsonl", "parquet", "txt", "hf-dataset")
 DEFAULT_NAME_COLUMN = "im_name"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from joycap_queue.config import Settings
+from joycap_queue.files import write_atomic
 from joycap_queue.images import ImageError
 
 # Pillow's format name → the extension discovery and the worker know. Other formats Pillow reads
@@ -80,14 +79,6 @@ def store_image(root: Path, data: bytes) -> StoredImage:
     path = root / digest[:2] / f"{digest}{extension}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.chmod(tmp, 0o644)
-            # Two submitters storing one image at once both rename onto the same name: same bytes.
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Two submitters storing one image at once both rename onto the same name: same bytes.
+        write_atomic(path, data)
     return StoredImage(path, digest)

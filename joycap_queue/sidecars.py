@@ -11,9 +11,7 @@ second writer never reads half a caption.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +21,7 @@ from sqlmodel import Session
 
 from joycap_queue import db
 from joycap_queue.errors import OptionError
+from joycap_queue.files import write_atomic
 from joycap_queue.images import IMAGE_EXTENSIONS
 from joycap_queue.models import Job, JobPublic, JobStatus
 
@@ -81,18 +80,6 @@ def sidecar_path(image: Path, suffix: str, *, also_in: Path | None = None) -> Pa
     if any(_has_stem_sibling(folder, image) for folder in folders):
         return image.with_name(image.name + suffix)
     return image.with_suffix(suffix)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _joined(first: str, second: str) -> str:

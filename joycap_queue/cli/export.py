@@ -18,7 +18,7 @@ from joycap_queue.cli.options import (
     model_options,
     tiny_model_notice,
 )
-from joycap_queue.cli.output import printable, progress
+from joycap_queue.cli.output import echo_rejections, progress
 from joycap_queue.datasource import resolve_source
 from joycap_queue.errors import OptionError
 from joycap_queue.exporting import (
@@ -40,7 +40,6 @@ from joycap_queue.imagestore import store_root
 from joycap_queue.models import JobStatus
 from joycap_queue.sidecars import SIDECAR_MODES
 
-MAX_LISTED_REJECTIONS = 10
 STATES = [status.value for status in JobStatus]
 SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -303,10 +302,7 @@ def submit_dataset(
         f"already captioned {summary.already_captioned}, already queued {summary.already_queued}, "
         f"rejected {summary.rejected} ({summary.rows} rows)"
     )
-    for label, reason in summary.rejections[:MAX_LISTED_REJECTIONS]:
-        click.echo(f"  rejected {printable(label, one_line=True)}: {reason}", err=True)
-    if len(summary.rejections) > MAX_LISTED_REJECTIONS:
-        click.echo(f"  … and {len(summary.rejections) - MAX_LISTED_REJECTIONS} more", err=True)
+    echo_rejections(summary.rejections)
 
 
 COMMANDS = [export, submit_dataset]

@@ -70,3 +70,15 @@ def progress(length: int, label: str) -> Any:
     if not sys.stderr.isatty():
         return _Quiet()
     return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+MAX_LISTED_REJECTIONS = 10
+
+
+def echo_rejections(rejections: Sequence[tuple[str, str]], *, hint: str = "") -> None:
+    """The first rejected files with their reasons on stderr, and how many more there were."""
+    for label, reason in rejections[:MAX_LISTED_REJECTIONS]:
+        click.echo(f"  rejected {printable(label, one_line=True)}: {reason}", err=True)
+    if len(rejections) > MAX_LISTED_REJECTIONS:
+        more = len(rejections) - MAX_LISTED_REJECTIONS
+        click.echo(f"  … and {more} more{hint}", err=True)

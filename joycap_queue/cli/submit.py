@@ -18,14 +18,12 @@ from joycap_queue.cli.options import (
     output_options,
     tiny_model_notice,
 )
-from joycap_queue.cli.output import progress
+from joycap_queue.cli.output import echo_rejections, progress
 from joycap_queue.images import Discovered
 from joycap_queue.intake import enqueue_images
 from joycap_queue.request import build_request
 from joycap_queue.requeue import requeue_lost
 from joycap_queue.watchconfig import output_options as output_options_for
-
-MAX_LISTED_REJECTIONS = 10
 
 
 @click.command(cls=ExtraGreedyCommand)
@@ -84,11 +82,7 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
         f"already queued {summary.already_queued}, skipped {summary.skipped}, rejected {summary.rejected} "
         f"({summary.total} files)"
     )
-    for path, reason in summary.rejections[:MAX_LISTED_REJECTIONS]:
-        click.echo(f"  rejected {path}: {reason}", err=True)
-    if len(summary.rejections) > MAX_LISTED_REJECTIONS:
-        more = len(summary.rejections) - MAX_LISTED_REJECTIONS
-        click.echo(f"  … and {more} more (joycap-queue results --state failed)", err=True)
+    echo_rejections(summary.rejections, hint=" (joycap-queue results --state failed)")
 
 
 @click.command()
