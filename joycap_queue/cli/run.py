@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from joycap_queue import db
 from joycap_queue.cli.options import (
@@ -29,7 +29,7 @@ from joycap_queue.cli.options import (
     tiny_model_notice,
 )
 from joycap_queue.cli.output import printable, progress
-from joycap_queue.config import Settings, get_settings
+from joycap_queue.config import Settings, get_settings, settings_environment
 from joycap_queue.errors import JoycapError
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
 from joycap_queue.queue import make_celery, ping_broker
@@ -39,13 +39,11 @@ from joycap_queue.requeue import requeue_lost
 
 def export_settings(settings: Settings) -> None:
     """Put the resolved settings in the environment, where the worker's modules read them."""
-    for name, value in settings.model_dump().items():
-        if value is None:
-            os.environ.pop(f"JOYCAP_{name.upper()}", None)
-        else:
-            # A secret travels to this process's modules and children only, never to any output.
-            text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-            os.environ[f"JOYCAP_{name.upper()}"] = text
+    environment = settings_environment(settings)
+    for name in Settings.model_fields:
+        os.environ.pop(f"JOYCAP_{name.upper()}", None)
+    # A secret travels to this process's modules and children only, never to any output.
+    os.environ.update(environment)
     get_settings.cache_clear()
 
 
