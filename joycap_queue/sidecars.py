@@ -147,8 +147,14 @@ def _move(source: Path, target: Path) -> Path:
 
 
 def finish_done(image: Path, options: OutputOptions, *, caption: str, record: dict[str, Any]) -> Path:
-    """Sidecars for a captioned image, moved to the done tree first if asked; the image's new path."""
-    if not options.done_dir or not image.exists():
+    """Sidecars for a captioned image, moved to the done tree first if asked; the image's new path.
+
+    An image that is no longer where its row says was moved or deleted by someone else (or by a
+    second finisher of the same job): no caption is written beside nothing.
+    """
+    if not image.exists():
+        return image
+    if not options.done_dir:
         write_sidecars(image, options, caption=caption, record=record)
         return image
     moved = _move(image, _relative_target(image, options.inbox, options.done_dir))

@@ -33,7 +33,7 @@ from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
 from joycap_queue.images import IMAGE_EXTENSIONS, decodes_completely, has_end_marker
 from joycap_queue.intake import enqueue_images
-from joycap_queue.models import Job, JobPublic, JobStatus, Watcher
+from joycap_queue.models import Job, JobPublic, JobStatus, Watcher, utcnow
 from joycap_queue.queue import make_celery
 from joycap_queue.requeue import requeue_lost
 from joycap_queue.sidecars import (
@@ -52,6 +52,8 @@ TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download
 HEARTBEAT_S = 2.0
 # A watcher row not refreshed for this long belongs to a watcher that died.
 STALE_AFTER = timedelta(seconds=15)
+# How long a done job may lack its sidecar before the watcher writes it (see reconcile).
+SIDECAR_GRACE = 60.0
 TICK_S = 0.25
 MAX_ENQUEUE = 1000
 
@@ -163,6 +165,7 @@ class FolderWatcher:
         polling: bool = False,
         polling_interval: float = 1.0,
         incomplete_after: float = 600.0,
+        sidecar_grace: float = SIDECAR_GRACE,
     ) -> None:
         self.settings = settings
         self.settle_seconds = settle_seconds
@@ -170,6 +173,7 @@ class FolderWatcher:
         self.polling = polling
         self.polling_interval = polling_interval
         self.incomplete_after = incomplete_after
+        self.sidecar_grace = sidecar_grace
         self.engine: Engine = db.get_engine(settings.effective_database_url)
         self.app: Celery = make_celery(settings)
         self.states = [InboxState(config, self._excluded(config)) for config in inboxes]
@@ -389,10 +393,16 @@ class FolderWatcher:
         outputs = state.outputs
         if not (outputs.txt or outputs.json):
             return
+        # The worker writes a job's sidecars right after storing it; only a job done for longer
+        # than the grace is one whose worker died in between. A younger one may be in the middle
+        # of its move, and two finishers of one image race each other.
+        cutoff = utcnow() - timedelta(seconds=self.sidecar_grace)
         with Session(self.engine) as session:
             jobs = session.exec(
                 select(Job.id, Job.path).where(
-                    col(Job.path).startswith(str(state.root) + os.sep), Job.status == JobStatus.done.value
+                    col(Job.path).startswith(str(state.root) + os.sep),
+                    Job.status == JobStatus.done.value,
+                    col(Job.finished_at) < cutoff,
                 )
             ).all()
         for job_id, path in jobs:

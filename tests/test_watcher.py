@@ -78,6 +78,7 @@ def start_watcher() -> Iterator[Callable[..., RunningWatcher]]:
         *,
         polling: bool = False,
         incomplete_after: float = 600,
+        sidecar_grace: float = 60,
         **params: object,
     ) -> RunningWatcher:
         settings = settings_of(service)
@@ -90,6 +91,7 @@ def start_watcher() -> Iterator[Callable[..., RunningWatcher]]:
             rescan_seconds=2,
             polling=polling,
             incomplete_after=incomplete_after,
+            sidecar_grace=sidecar_grace,
         )
         handle = RunningWatcher(watcher)
         handle.thread.start()
@@ -301,6 +303,32 @@ def test_move_done_and_failed_and_same_stem(
         "broken.jpg"
     ].error
     assert sorted(p.name for p in (inbox / "album").iterdir()) == []
+
+
+def test_a_missing_sidecar_is_written_once_its_job_is_past_the_grace(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(png_bytes(11))
+    service = service_for(sqlite_url)
+    service.start_worker()
+    handle = start_watcher(service, inbox, sidecar_grace=3600)
+    wait_until(all_done(sqlite_url, 1), timeout=60, what="the image")
+    sidecar = inbox / "a.txt"
+    wait_until(sidecar.exists, timeout=10, what="the worker's sidecar")
+    # As if the worker had died between storing the caption and writing the file.
+    sidecar.unlink()
+    time.sleep(5)  # two rescans: within the grace the worker may still be writing, so leave it
+    assert not sidecar.exists()
+    handle.watcher.sidecar_grace = 0
+    wait_until(sidecar.exists, timeout=10, what="the rescan to write the sidecar")
+    [job] = jobs(sqlite_url)
+    assert sidecar.read_bytes().decode() == job.caption
+    assert job.path == str(inbox / "a.png")
 
 
 def test_second_watcher_is_refused_and_status_shows_the_first(
