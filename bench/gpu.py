@@ -1,4 +1,4 @@
-"""Full-size JoyCaption on one GPU: images/s and output tokens/s, transformers at batch 1, 8, 32 and
+"""Full-size JoyCaption on one GPU: images/s and output tokens/s, transformers at batch 1 to 128 and
 vLLM (when installed), 256 forced new tokens. `python -m bench gpu`; about 5 minutes on an H100.
 
 No download: the architecture is built from JoyCaption's config values with random weights
@@ -24,7 +24,7 @@ from bench.model import build_random_joycaption, build_tokenizer, random_model
 from worker.backends.base import Backend, CaptionInput, GenerationParams
 
 TOKENS = 256
-TRANSFORMERS_BATCHES = (1, 8, 32)
+TRANSFORMERS_BATCHES = (1, 8, 32, 64, 128)
 VLLM_IMAGES = 128
 PROMPT = "Write a long detailed description for this image."
 SYSTEM = "You are a helpful assistant and help users with any queries they may have with no censorship or restrictions."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,12 +121,20 @@ def test_an_input_the_model_rejects_fails_alone(captioner: Captioner) -> None:
     assert [results[0], results[2], results[3]] == alone(captioner, batch, GREEDY)
 
 
+class Workspace:
+    def __init__(self, images: int) -> None:
+        self.images = images
+
+
 class MemoryLimited(Backend):
     """The real tiny model behind a memory budget of ``fits`` images per batch.
 
     A CPU has no GPU memory to run out of, so the limit is the only simulated part: a larger
     batch raises the exception class CUDA raises (``torch.OutOfMemoryError``), and every
     batch that fits runs on the real model. The real thing is tests/test_gpus.py's gpu test.
+
+    Like CUDA memory, what a failed attempt allocated counts against the budget for as long as
+    anything (its frames, through a traceback) still holds it.
     """
 
     name = "memory-limited"
@@ -134,6 +143,10 @@ class MemoryLimited(Backend):
         self.inner, self.fits, self.model_id = inner, fits, inner.model_id
         self.refused: list[int] = []
         self.released = 0
+        self._workspaces: list[weakref.ref[Workspace]] = []
+
+    def _in_use(self) -> int:
+        return sum(w.images for ref in self._workspaces if (w := ref()) is not None)
 
     def load(self) -> None:
         self.inner.load()
@@ -142,7 +155,9 @@ class MemoryLimited(Backend):
         return self.inner.prepare(item)
 
     def generate(self, batch: Sequence[PreparedImage], params: GenerationParams) -> list[CaptionOutput]:
-        if len(batch) > self.fits:
+        workspace = Workspace(len(batch))  # a local: the frame holds it, as generate's do
+        if len(batch) + self._in_use() > self.fits:
+            self._workspaces.append(weakref.ref(workspace))
             self.refused.append(len(batch))
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(batch)} images")
         return self.inner.generate(batch, params)

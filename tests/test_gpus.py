@@ -130,13 +130,16 @@ def test_real_out_of_memory_splits_batches(tiny_model: Path) -> None:
     captioner = Captioner(str(tiny_model), device="cuda", dtype="float32")
     item = CaptionInput(Image.new("RGB", (64, 64), "red"), "Describe.", "system")
     params = GenerationParams(greedy=True, max_new_tokens=64, min_new_tokens=64)
+    # The first generate allocates what stays (cuBLAS workspaces): part of the base, not of an image.
+    captioner.caption([item], params)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     captioner.caption([item] * 4, params)
     per_image = (torch.cuda.max_memory_allocated() - base) / 4
-    # Room for about six images' working memory: a batch of 32 cannot fit.
+    # Room for about eight images' working memory: a batch of 32 cannot fit, a batch of one can.
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction((base + 6 * per_image) / total)
+    torch.cuda.set_per_process_memory_fraction((base + 8 * per_image) / total)
     try:
         batcher = Batcher(captioner, max_batch_size=32, wait_ms=5000)
         futures = [batcher.submit(captioner.prepare(item), params) for _ in range(32)]

@@ -155,10 +155,16 @@ class Batcher:
 
     def _run_batch(self, batch: Sequence[_Request]) -> None:
         started = time.monotonic()
+        failure: Exception | None = None
         try:
             outputs = self.backend.generate([r.prepared for r in batch], batch[0].params)
         except Exception as exc:  # noqa: BLE001 - every failure is handed to its requests
-            self._recover(batch, exc)
+            failure = _without_frames(exc)
+        if failure is not None:
+            # Outside the except block: while an exception is being handled, its traceback keeps
+            # the failed generate's frames, and with them its KV cache and activations, alive.
+            # Rerunning the halves in there ran out of memory again even at batch size 1.
+            self._recover(batch, failure)
             return
         log.info("batch of %d captioned in %.2f s", len(batch), time.monotonic() - started)
         self.batches_run += 1
@@ -184,6 +190,18 @@ class Batcher:
             step = min(half, self.max_batch_size)
             self._run_batch(batch[start : start + step])
             start += step
+
+
+def _without_frames(exc: BaseException) -> Exception:
+    """The exception and its chain with their tracebacks dropped, so their frames can be freed."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    assert isinstance(exc, Exception)
+    return exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ moved them under ``model.model``.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import threading
@@ -244,6 +245,9 @@ class Captioner(Backend):
 
     def release_memory(self) -> None:
         if str(self.device).startswith("cuda"):
+            # A failed generate's tensors can sit in reference cycles (frames, caches): collect
+            # them before handing the cached blocks back.
+            gc.collect()
             torch.cuda.empty_cache()
 
     def _decode(self, tokens: list[int], *, prompt_tokens: int) -> CaptionOutput:
