@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     max_attempts: int = Field(default=3, ge=1)
+    # On SIGTERM a worker takes no new job and lets the ones in flight finish for this long, then
+    # hands the rest back to the queue and exits (compose's stop_grace_period must be longer).
+    shutdown_grace_s: float = Field(default=60.0, ge=0.0)
+    # Each worker process marks itself alive this often; a worker not seen for four beats is
+    # dead, and any live worker sends its jobs again (a SIGKILL, a lost machine).
+    worker_heartbeat_s: float = Field(default=5.0, gt=0.0, le=300.0)
     task_time_limit_s: int = Field(default=1800, ge=10)
     # Redis re-delivers an unacknowledged message after this long; it must exceed the task time
     # limit or a slow but healthy job gets captioned twice.

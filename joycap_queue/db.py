@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, event, func, or_, update
+from sqlalchemy import case, delete, event, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (
@@ -258,6 +258,28 @@ def fail_job(engine: Engine, job_id: int, reason: str) -> bool:
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
             .values(status=JobStatus.failed.value, error=reason[:2000], finished_at=utcnow())
+        )
+        session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_job(engine: Engine, job_id: int, *, worker: str) -> bool:
+    """Give a claimed job back to the queue uncounted: its worker stopped before captioning it.
+
+    Only while that worker still holds it: a job finished or claimed elsewhere is left alone.
+    """
+    with Session(engine) as session:
+        result = session.execute(
+            update(Job)
+            .where(
+                col(Job.id) == job_id, col(Job.status) == JobStatus.running.value, col(Job.worker) == worker
+            )
+            .values(
+                status=JobStatus.queued.value,
+                attempts=case((col(Job.attempts) > 0, Job.attempts - 1), else_=0),
+                worker=None,
+                started_at=None,
+            )
         )
         session.commit()
         return bool(result.rowcount)  # type: ignore[attr-defined]

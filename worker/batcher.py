@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,7 +36,28 @@ class CaptionService(Protocol):
     @property
     def model_id(self) -> str: ...
 
+    def hand_back(self) -> int:
+        """Stop now: every request not yet captioned fails with HandedBack; returns how many.
+
+        The batch on the model runs to its end (a generate call cannot be interrupted), but its
+        callers are released at once and its results are dropped.
+        """
+        with self._cond:
+            self._closed = True
+            requests = [*self._pending, *self._running]
+            self._pending.clear()
+            self._cond.notify_all()
+        handed = 0
+        for request in requests:
+            if _settle(request.future, error=HandedBack("the worker is stopping")):
+                handed += 1
+        return handed
+
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput: ...
+
+
+class HandedBack(Exception):
+    """The worker is stopping: this image was not captioned and its job goes back to the queue."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -69,6 +90,7 @@ class Batcher:
         self._preparing = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._running: Sequence[_Request] = ()
         self._thread: threading.Thread | None = None
 
     @property
@@ -91,6 +113,23 @@ class Batcher:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+    def hand_back(self) -> int:
+        """Stop now: every request not yet captioned fails with HandedBack; returns how many.
+
+        The batch on the model runs to its end (a generate call cannot be interrupted), but its
+        callers are released at once and its results are dropped.
+        """
+        with self._cond:
+            self._closed = True
+            requests = [*self._pending, *self._running]
+            self._pending.clear()
+            self._cond.notify_all()
+        handed = 0
+        for request in requests:
+            if _settle(request.future, error=HandedBack("the worker is stopping")):
+                handed += 1
+        return handed
 
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:
         """Prepare the image on this thread, then wait for its caption from a shared batch."""
@@ -151,7 +190,11 @@ class Batcher:
         while (batch := self._take_batch()) is not None:
             batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
             if batch:
-                self._run_batch(batch)
+                self._running = batch
+                try:
+                    self._run_batch(batch)
+                finally:
+                    self._running = ()
 
     def _run_batch(self, batch: Sequence[_Request]) -> None:
         started = time.monotonic()
@@ -170,11 +213,11 @@ class Batcher:
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         for request, output in zip(batch, outputs, strict=True):
-            request.future.set_result(output)
+            _settle(request.future, result=output)
 
     def _recover(self, batch: Sequence[_Request], exc: Exception) -> None:
         if len(batch) == 1:
-            batch[0].future.set_exception(exc)
+            _settle(batch[0].future, error=exc)
             return
         half = (len(batch) + 1) // 2
         if is_out_of_memory(exc):
@@ -190,6 +233,21 @@ class Batcher:
             step = min(half, self.max_batch_size)
             self._run_batch(batch[start : start + step])
             start += step
+
+
+def _settle(
+    future: Future[CaptionOutput], *, result: CaptionOutput | None = None, error: BaseException | None = None
+) -> bool:
+    """Set a future's outcome unless it has one already (handed back while its batch ran)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert result is not None
+            future.set_result(result)
+    except InvalidStateError:
+        return False
+    return True
 
 
 def _without_frames(exc: BaseException) -> Exception:

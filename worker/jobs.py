@@ -23,9 +23,12 @@ from joycap_queue.images import ImageError, check_allowed, open_image_rgb, read_
 from joycap_queue.prompts import system_prompt
 from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
-from worker.batcher import CaptionService
+from worker.batcher import CaptionService, HandedBack
 
 log = logging.getLogger(__name__)
+
+
+HANDED_BACK = "handed back"
 
 
 @dataclass
@@ -61,6 +64,11 @@ def run_caption_job(
         output = captioner.caption_one(
             CaptionInput(image=image, prompt=job.prompt, system_prompt=system_prompt(job.profile)), params
         )
+    except HandedBack:
+        # The worker is stopping: the job goes back uncounted, and the task hands its message back.
+        db.release_job(engine, job_id, worker=worker_name)
+        log.info("job %s handed back: the worker is stopping", job_id)
+        return JobOutcome(job_id, HANDED_BACK)
     except ImageError as exc:
         return _failed(engine, job_id, str(exc))
     except SoftTimeLimitExceeded:

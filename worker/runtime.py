@@ -7,6 +7,7 @@ a fork.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -14,6 +15,7 @@ from joycap_queue.config import Settings, get_settings
 from worker.backends import Backend, make_backend
 from worker.batcher import Batcher
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _backend: Backend | None = None
 _batcher: Batcher | None = None
@@ -44,6 +46,36 @@ def get_batcher(settings: Settings | None = None) -> Batcher:
             _batcher = Batcher(backend, max_batch_size=settings.batch_size, wait_ms=settings.batch_wait_ms)
         batcher = _batcher
     return batcher.start()
+
+
+def install_shutdown_grace(grace_s: float) -> None:
+    """On a warm shutdown (SIGTERM), hand the jobs still in flight back after ``grace_s``.
+
+    Celery's warm shutdown takes no new message and waits for the running tasks, however long
+    they take; with the threads pool it cannot interrupt them. After the grace the batcher
+    releases every job not yet captioned: each goes back to `queued` uncounted and its message
+    back to the queue, and the worker exits. A cold shutdown (SIGQUIT, a second Ctrl-C) hands
+    back at once.
+    """
+    from celery.signals import worker_shutting_down
+
+    def on_shutting_down(how: str = "Warm", **_: Any) -> None:
+        delay = 0.0 if how == "Cold" else grace_s
+        log.warning("stopping: jobs still in flight after %.0f s go back to the queue", delay)
+        timer = threading.Timer(delay, _hand_back)
+        timer.daemon = True
+        timer.start()
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
+
+
+def _hand_back() -> None:
+    with _lock:
+        batcher = _batcher
+    if batcher is not None:
+        handed = batcher.hand_back()
+        if handed:
+            log.warning("handed %d jobs back to the queue", handed)
 
 
 def reuse_redis_clients() -> None:

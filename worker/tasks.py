@@ -6,12 +6,13 @@ import logging
 import socket
 
 from celery import Task
+from celery.exceptions import Reject
 
 from joycap_queue import db
 from joycap_queue.config import get_settings
 from joycap_queue.queue import CAPTION_TASK
 from worker.app import app
-from worker.jobs import run_caption_job
+from worker.jobs import HANDED_BACK, run_caption_job
 from worker.runtime import get_batcher
 
 log = logging.getLogger(__name__)
@@ -31,4 +32,7 @@ def caption(self: Task, job_id: object) -> str:
         settings=settings,
         worker_name=self.request.hostname or socket.gethostname(),
     )
+    if outcome.status == HANDED_BACK:
+        # The message goes back to the queue as it is (acks_late: it was never acknowledged).
+        raise Reject("the worker is stopping", requeue=True)
     return outcome.status

@@ -57,7 +57,7 @@ def load_captioner(settings: Settings) -> Any:
         raise JoycapError(str(exc)) from None
 
 
-WORKER_SETTINGS = ("backend", "batch_size", "batch_wait_ms", "gpus", "openai_url")
+WORKER_SETTINGS = ("backend", "batch_size", "batch_wait_ms", "gpus", "openai_url", "shutdown_grace_s")
 GENERATE_SWITCH_INTERVAL_S = 0.0005
 
 
@@ -133,6 +133,14 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
     help="Give a job up as failed after this many deliveries [default: 3].",
 )
 @click.option(
+    "--shutdown-grace",
+    "shutdown_grace_s",
+    type=float,
+    envvar="JOYCAP_SHUTDOWN_GRACE_S",
+    show_envvar=True,
+    help="Seconds a SIGTERM gives jobs in flight to finish before they go back to the queue [default: 60].",
+)
+@click.option(
     "--loglevel",
     "-l",
     default="info",
@@ -145,8 +153,8 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
 def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     """Run a caption worker: one model in this process, several jobs in flight on threads.
 
-    Loads the model before taking jobs; stop it with Ctrl-C (jobs in flight finish or go back to
-    the queue).
+    Loads the model before taking jobs; stop it with Ctrl-C or SIGTERM (jobs in flight get
+    --shutdown-grace seconds to finish, then go back to the queue).
 
     \b
     Examples:
@@ -183,9 +191,10 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
             err=True,
         )
     backend = load_captioner(settings)
-    from worker.runtime import get_batcher, reuse_redis_clients
+    from worker.runtime import get_batcher, install_shutdown_grace, reuse_redis_clients
 
     get_batcher(settings)
+    install_shutdown_grace(settings.shutdown_grace_s)
     reuse_redis_clients()
     # The generate thread releases the GIL around every torch op and must get it back at once;
     # at the default 5 ms a task thread holding it (decoding, the database) slowed each batch by
