@@ -114,23 +114,6 @@ class Batcher:
                 handed += 1
         return handed
 
-    def hand_back(self) -> int:
-        """Stop now: every request not yet captioned fails with HandedBack; returns how many.
-
-        The batch on the model runs to its end (a generate call cannot be interrupted), but its
-        callers are released at once and its results are dropped.
-        """
-        with self._cond:
-            self._closed = True
-            requests = [*self._pending, *self._running]
-            self._pending.clear()
-            self._cond.notify_all()
-        handed = 0
-        for request in requests:
-            if _settle(request.future, error=HandedBack("the worker is stopping")):
-                handed += 1
-        return handed
-
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:
         """Prepare the image on this thread, then wait for its caption from a shared batch."""
         if not self.backend.batches:
