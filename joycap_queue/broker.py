@@ -21,6 +21,8 @@ class CaptionMessage:
     job_id: int
     task_id: str | None
     raw: bytes
+    # The delivery tag of a held (delivered, unacknowledged) message; None for a waiting one.
+    tag: str | None = None
 
 
 def caption_job_of(message: dict[str, Any]) -> tuple[int | None, str | None]:
@@ -60,7 +62,7 @@ def waiting_messages(channel: Any, queue: str) -> Iterator[tuple[bytes, CaptionM
 
 def held_messages(channel: Any, queue: str) -> Iterator[CaptionMessage]:
     """Caption messages delivered to a worker and not yet acknowledged."""
-    for _tag, payload in channel.client.hscan_iter(channel.unacked_key):
+    for tag, payload in channel.client.hscan_iter(channel.unacked_key):
         try:
             message, _exchange, routing_key = json.loads(payload)
         except (ValueError, TypeError):
@@ -69,4 +71,10 @@ def held_messages(channel: Any, queue: str) -> Iterator[CaptionMessage]:
             continue
         job_id, task_id = caption_job_of(message)
         if job_id is not None:
-            yield CaptionMessage(job_id, task_id, payload)
+            yield CaptionMessage(job_id, task_id, payload, tag.decode() if isinstance(tag, bytes) else tag)
+
+
+def restore_held(channel: Any, tag: str) -> None:
+    """Put a held message back at the head of its queue now, as kombu does after the visibility
+    timeout: one Redis transaction takes it out of `unacked` and pushes it back."""
+    channel.qos.restore_by_tag(tag)

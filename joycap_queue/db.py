@@ -15,7 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import case, delete, event, func, or_, update
+from sqlalchemy import case, delete, event, func, inspect, or_, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (
@@ -106,6 +107,7 @@ def _create_schema(engine: Engine, *, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             SQLModel.metadata.create_all(engine)
+            _add_missing_columns(engine)
             ensure_search_index(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError) as exc:
@@ -114,6 +116,18 @@ def _create_schema(engine: Engine, *, attempts: int = 5) -> None:
             if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
+
+
+# Columns added after the first release, with the DDL that adds them to an older database.
+ADDED_COLUMNS = {("job", "isolation"): "ALTER TABLE job ADD COLUMN isolation INTEGER NOT NULL DEFAULT 0"}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    inspector = inspect(engine)
+    for (table, column), ddl in ADDED_COLUMNS.items():
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(sql_text(ddl))
 
 
 @dataclass
@@ -197,21 +211,46 @@ def reset_jobs(session: Session, job_ids: Sequence[int], *, submission_id: int |
         )
 
 
-def claim_job(engine: Engine, job_id: int, *, worker: str, max_attempts: int) -> Claim:
+def job_isolation(engine: Engine, job_id: int) -> int:
+    """Whether a job must run alone (non-zero) before it is claimed; 0 for a job not found."""
+    with Session(engine) as session:
+        value = session.execute(select(Job.isolation).where(col(Job.id) == job_id)).scalar()
+        return int(value or 0)
+
+
+def receive_job(engine: Engine, job_id: int, *, worker: str) -> None:
+    """Note that this worker holds a queued job's message while it waits its turn to claim it.
+
+    If the worker dies meanwhile, the message sits unacknowledged in Redis; this row is how a
+    live worker knows to hand it out again (liveness.rescue_orphans).
+    """
+    with Session(engine) as session:
+        session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued.value)
+            .values(worker=worker, started_at=utcnow())
+        )
+        session.commit()
+
+
+def claim_job(engine: Engine, job_id: int, *, worker: str, max_attempts: int, alone: bool = False) -> Claim:
     """Mark a job running and count the attempt; refuse jobs that are finished or out of attempts.
 
     A message can arrive again after its worker died (``task_reject_on_worker_lost``); counting
     attempts here, in the database, is what stops an image that kills its worker from looping.
     """
     with Session(engine) as session:
+        # Only a queued job: a second message for a job already running (a duplicate send) finds
+        # it taken and is dropped; a job whose worker died is put back to queued first (liveness).
         result = session.execute(
             update(Job)
-            .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued.value)
             .values(
                 status=JobStatus.running.value,
                 attempts=Job.attempts + 1,
                 started_at=utcnow(),
                 worker=worker,
+                **({"isolation": 2} if alone else {}),
             )
         )
         session.commit()
@@ -263,26 +302,51 @@ def fail_job(engine: Engine, job_id: int, reason: str) -> bool:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def release_job(engine: Engine, job_id: int, *, worker: str) -> bool:
+def release_job(engine: Engine, job_id: int, *, worker: str, status: JobStatus = JobStatus.running) -> bool:
     """Give a claimed job back to the queue uncounted: its worker stopped before captioning it.
 
     Only while that worker still holds it: a job finished or claimed elsewhere is left alone.
+    With ``status=queued``, a job received but never claimed: only the note of holding it goes.
+    """
+    values: dict[str, Any] = {"status": JobStatus.queued.value, "worker": None, "started_at": None}
+    if status == JobStatus.running:
+        values["attempts"] = give_back_attempt()
+    with Session(engine) as session:
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status) == status.value, col(Job.worker) == worker)
+            .values(**values)
+        )
+        session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def return_to_queue(
+    engine: Engine, job_id: int, *, status: str, worker: str | None, started_at: Any, **values: Any
+) -> bool:
+    """Put a job whose worker is gone back to `queued`, if it is still as it was seen.
+
+    ``values`` adds columns to set (an attempt given back, isolation). Conditional on status,
+    worker and start time, so of several processes acting on one snapshot only one succeeds.
     """
     with Session(engine) as session:
         result = session.execute(
             update(Job)
             .where(
-                col(Job.id) == job_id, col(Job.status) == JobStatus.running.value, col(Job.worker) == worker
+                col(Job.id) == job_id,
+                col(Job.status) == status,
+                col(Job.worker) == worker if worker is not None else col(Job.worker).is_(None),
+                col(Job.started_at) == started_at,
             )
-            .values(
-                status=JobStatus.queued.value,
-                attempts=case((col(Job.attempts) > 0, Job.attempts - 1), else_=0),
-                worker=None,
-                started_at=None,
-            )
+            .values(status=JobStatus.queued.value, worker=None, started_at=None, **values)
         )
         session.commit()
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def give_back_attempt() -> Any:
+    """The SQL for one attempt fewer (an attempt the job did not cause)."""
+    return case((col(Job.attempts) > 0, Job.attempts - 1), else_=0)
 
 
 def set_job_path(session: Session, job_id: int, path: str) -> None:

@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Column, Index, Text, UniqueConstraint
+from sqlalchemy import Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -87,6 +87,9 @@ class Job(JobBase, table=True):
     submission_id: int | None = Field(default=None, foreign_key="submission.id", index=True)
     # content hash + final prompt + model + generation parameters: one caption per request.
     dedup_key: str = Field(max_length=64, unique=True)
+    # After a worker died with it in flight among others: 1, run it alone; 2, running alone now
+    # (so a death then is its fault). See liveness.py and worker/gate.py.
+    isolation: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
 
 
 class Watcher(SQLModel, table=True):

@@ -1,5 +1,8 @@
 """`requeue`: rebuild lost messages from the database, the source of truth.
 
+Jobs of a worker that died (SIGKILL, a lost machine) are sent again first, by
+`liveness.rescue_orphans`, which every live worker also runs on each heartbeat.
+
 When Redis loses its data (a restart without persistence, a flush, a failover), every job the
 database holds as `queued`, or as `running` for longer than a job can run, has no message left.
 Requeueing sends one for each such job whose message is not still in Redis, waiting in the
@@ -15,12 +18,13 @@ from datetime import timedelta
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
-from sqlmodel import Session, col, or_, select
+from sqlmodel import Session, col, or_, select, update
 
 from joycap_queue import db
 from joycap_queue.broker import held_messages, waiting_messages
 from joycap_queue.config import Settings, mask_url
 from joycap_queue.errors import ServiceUnavailable
+from joycap_queue.liveness import rescue_orphans, restore_unclaimed
 from joycap_queue.models import Job, JobStatus, utcnow
 from joycap_queue.queue import make_celery, send_caption_jobs
 
@@ -34,6 +38,7 @@ class RequeueSummary:
     candidates: int = 0
     alive: int = 0
     sent: int = 0
+    rescued: int = 0
 
 
 def job_ids_in_broker(settings: Settings) -> set[int]:
@@ -73,15 +78,32 @@ def requeue_lost(
     """Send a message for every waiting job whose message Redis no longer holds."""
     stale_after = stale_after or timedelta(seconds=settings.task_time_limit_s + 60)
     engine = db.get_engine(settings.effective_database_url)
+    try:
+        rescued = rescue_orphans(settings) + restore_unclaimed(settings)
+    except (KombuOperationalError, RedisError, OSError) as exc:
+        raise ServiceUnavailable(f"cannot reach Redis at {mask_url(settings.broker_url)}: {exc}") from None
     with Session(engine) as session:
         candidates = jobs_to_requeue(session, stale_after=stale_after, in_flight=in_flight)
-    summary = RequeueSummary(candidates=len(candidates))
+    summary = RequeueSummary(candidates=len(candidates), rescued=rescued)
     if not candidates:
         return summary
     alive = job_ids_in_broker(settings)
     lost = [job_id for job_id in candidates if job_id not in alive]
     summary.alive = len(candidates) - len(lost)
     if lost:
+        # A job running past any time limit with no message left: its claim is void (claims
+        # only take queued jobs), so it is queued again, the attempt kept.
+        with Session(engine) as session:
+            session.execute(
+                update(Job)
+                .where(
+                    col(Job.id).in_(lost),
+                    col(Job.status) == JobStatus.running.value,
+                    col(Job.started_at) < utcnow() - stale_after,
+                )
+                .values(status=JobStatus.queued.value, worker=None, started_at=None)
+            )
+            session.commit()
         summary.sent = send_caption_jobs(make_celery(settings), lost, queue=settings.queue)
         log.warning(
             "requeued %d jobs whose messages were lost (of %d waiting)", summary.sent, len(candidates)

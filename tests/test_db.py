@@ -67,6 +67,12 @@ def test_attempts_are_counted_and_capped(database_url: str) -> None:
     for attempt in (1, 2):
         claim = db.claim_job(engine, job_id, worker="w", max_attempts=2)
         assert claim.job is not None and claim.job.attempts == attempt
+        # A second message for a running job is refused; the worker dies, and the job it was
+        # blamed for goes back to the queue with the attempt kept (as liveness does).
+        assert db.claim_job(engine, job_id, worker="x", max_attempts=2).job is None
+        assert db.return_to_queue(
+            engine, job_id, status="running", worker="w", started_at=claim.job.started_at
+        )
     claim = db.claim_job(engine, job_id, worker="w", max_attempts=2)
     assert claim.job is None and "gave up after 2 attempts" in claim.reason
     with Session(engine) as session:

@@ -20,10 +20,12 @@ from sqlalchemy.exc import DataError, IntegrityError
 from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import ImageError, check_allowed, open_image_rgb, read_verified
+from joycap_queue.models import JobStatus
 from joycap_queue.prompts import system_prompt
 from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.batcher import CaptionService, HandedBack
+from worker.gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,37 @@ class JobOutcome:
 
 
 def run_caption_job(
-    job_id: int, *, engine: Engine, captioner: CaptionService, settings: Settings, worker_name: str
+    job_id: int,
+    *,
+    engine: Engine,
+    captioner: CaptionService,
+    settings: Settings,
+    worker_name: str,
+    gate: Gate | None = None,
 ) -> JobOutcome:
-    claim = db.claim_job(engine, job_id, worker=worker_name, max_attempts=settings.max_attempts)
+    """Caption one job; with a ``gate``, a job marked to run alone waits for an empty worker."""
+    if gate is None:
+        return _run(job_id, engine, captioner, settings, worker_name, alone=False)
+    alone = db.job_isolation(engine, job_id) > 0
+    try:
+        with gate.hold(alone=alone, on_wait=lambda: db.receive_job(engine, job_id, worker=worker_name)):
+            return _run(job_id, engine, captioner, settings, worker_name, alone=alone)
+    except HandedBack:
+        # Stopped while waiting its turn: never claimed, so only the note of holding it goes.
+        db.release_job(engine, job_id, worker=worker_name, status=JobStatus.queued)
+        return JobOutcome(job_id, HANDED_BACK)
+
+
+def _run(
+    job_id: int,
+    engine: Engine,
+    captioner: CaptionService,
+    settings: Settings,
+    worker_name: str,
+    *,
+    alone: bool,
+) -> JobOutcome:
+    claim = db.claim_job(engine, job_id, worker=worker_name, max_attempts=settings.max_attempts, alone=alone)
     if claim.job is None:
         log.info("job %s skipped: %s", job_id, claim.reason)
         if claim.gave_up:

@@ -14,11 +14,14 @@ from typing import Any
 from joycap_queue.config import Settings, get_settings
 from worker.backends import Backend, make_backend
 from worker.batcher import Batcher
+from worker.gate import Gate
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _backend: Backend | None = None
 _batcher: Batcher | None = None
+# One per process: the task threads pass it to be in flight together, or one suspect alone.
+_gate = Gate()
 
 
 def get_backend(settings: Settings | None = None) -> Backend:
@@ -48,6 +51,10 @@ def get_batcher(settings: Settings | None = None) -> Batcher:
     return batcher.start()
 
 
+def get_gate() -> Gate:
+    return _gate
+
+
 def install_shutdown_grace(grace_s: float) -> None:
     """On a warm shutdown (SIGTERM), hand the jobs still in flight back after ``grace_s``.
 
@@ -70,6 +77,7 @@ def install_shutdown_grace(grace_s: float) -> None:
 
 
 def _hand_back() -> None:
+    _gate.close()
     with _lock:
         batcher = _batcher
     if batcher is not None:

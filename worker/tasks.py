@@ -13,7 +13,7 @@ from joycap_queue.config import get_settings
 from joycap_queue.queue import CAPTION_TASK
 from worker.app import app
 from worker.jobs import HANDED_BACK, run_caption_job
-from worker.runtime import get_batcher
+from worker.runtime import get_batcher, get_gate
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def caption(self: Task, job_id: object) -> str:
         captioner=get_batcher(settings),
         settings=settings,
         worker_name=self.request.hostname or socket.gethostname(),
+        gate=get_gate(),
     )
     if outcome.status == HANDED_BACK:
         # The message goes back to the queue as it is (acks_late: it was never acknowledged).

@@ -32,6 +32,7 @@ from joycap_queue.cli.output import printable, progress
 from joycap_queue.config import Settings, get_settings, settings_environment
 from joycap_queue.errors import JoycapError
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
+from joycap_queue.liveness import WorkerHeartbeat
 from joycap_queue.queue import make_celery, ping_broker
 from joycap_queue.request import build_request
 from joycap_queue.requeue import requeue_lost
@@ -174,9 +175,9 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     db.get_engine(settings.effective_database_url)
     ping_broker(make_celery(settings))
     # Redis may have lost messages while no worker ran: the database says what is still owed.
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     requeue_lost(settings)
     export_settings(settings)
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.gpus:
         # This process only supervises: it never imports torch, so no CUDA state can leak into
         # the children, which are fresh interpreters (spawned, not forked).
@@ -205,8 +206,25 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
         f"{settings.effective_concurrency} jobs in flight",
         err=True,
     )
+    from celery.signals import celeryd_after_setup
+
     from worker.app import app
 
+    heartbeats: list[WorkerHeartbeat] = []
+
+    def register(sender: str, **_: Any) -> None:
+        # Under the node name Celery settled on (%h expanded): the name its jobs are claimed by.
+        heartbeats.append(WorkerHeartbeat(settings, sender).start())
+
+    celeryd_after_setup.connect(register, weak=False)
+    try:
+        _run_celery_worker(app, settings, hostname, loglevel)
+    finally:
+        for heartbeat in heartbeats:
+            heartbeat.stop()
+
+
+def _run_celery_worker(app: Any, settings: Settings, hostname: str | None, loglevel: str) -> None:
     app.worker_main(
         [
             "worker",

@@ -103,8 +103,9 @@ def requeue(stale_after: float | None, min_age: float, **params: Any) -> None:
     """Send again the jobs whose messages Redis lost (the database is the source of truth).
 
     Every job the database holds as queued, or as running for longer than a job can take, gets a
-    new message unless its message is still in Redis (waiting or delivered). Workers and watchers
-    do the same when they start.
+    new message unless its message is still in Redis (waiting or delivered). Jobs running on a
+    worker that stopped sending heartbeats (killed, its machine gone) go back to the queue first.
+    Workers and watchers do the same when they start.
 
     \b
     Example:
@@ -116,6 +117,8 @@ def requeue(stale_after: float | None, min_age: float, **params: Any) -> None:
         stale_after=timedelta(seconds=stale_after) if stale_after is not None else None,
         in_flight=timedelta(seconds=min_age),
     )
+    if summary.rescued:
+        click.echo(f"{summary.rescued} jobs of workers that died sent again")
     click.echo(
         f"{summary.candidates} jobs waiting: {summary.alive} still have their message, {summary.sent} sent again"
     )
