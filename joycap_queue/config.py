@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # On SIGTERM a worker takes no new job and lets the ones in flight finish for this long, then
     # hands the rest back to the queue and exits (compose's stop_grace_period must be longer).
     shutdown_grace_s: float = Field(default=60.0, ge=0.0)
+    # How long a worker keeps retrying a database write (a caption it computed, a failure) while
+    # the database is busy or unreachable, before it gives the job back to the queue.
+    db_retry_s: float = Field(default=300.0, ge=0.0)
     # Each worker process marks itself alive this often; a worker not seen for four beats is
     # dead, and any live worker sends its jobs again (a SIGKILL, a lost machine).
     worker_heartbeat_s: float = Field(default=5.0, gt=0.0, le=300.0)

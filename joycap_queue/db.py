@@ -7,6 +7,7 @@ holding the same job or a retried write can never give a job two captions or und
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -22,17 +23,20 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     IntegrityError,
+    InterfaceError,
     NoSuchModuleError,
     OperationalError,
     ProgrammingError,
 )
 from sqlmodel import Session, SQLModel, col, create_engine, select
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from joycap_queue.config import mask_url
 from joycap_queue.errors import OptionError, ServiceUnavailable
 from joycap_queue.models import Endpoint, Job, JobPublic, JobStatus, Submission, Watcher, utcnow
 from joycap_queue.search import WhereClause, caption_matches, ensure_search_index
 
+log = logging.getLogger(__name__)
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 
 
@@ -128,6 +132,33 @@ def _add_missing_columns(engine: Engine) -> None:
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             with engine.begin() as conn:
                 conn.execute(sql_text(ddl))
+
+
+def _transient(exc: BaseException) -> bool:
+    # Lost connections, a database starting up, SQLite still busy after its busy_timeout; a value
+    # refused (DataError, IntegrityError) is not: retrying cannot change the answer.
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def retrying(budget_s: float, *, what: str) -> Retrying:
+    """Call a database write again with backoff while the database is briefly away.
+
+    ``retrying(300, what="store job 7")(complete_job, engine, 7, ...)``; the last error is
+    raised once ``budget_s`` has passed.
+    """
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if exc else ""
+        log.warning("database write failed (%s): %s; retrying", what, mask_url(reason))
+
+    return Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_delay(budget_s),
+        wait=wait_exponential_jitter(initial=0.2, max=10.0),
+        before_sleep=log_retry,
+        reraise=True,
+    )
 
 
 @dataclass

@@ -71,7 +71,9 @@ def _run(
     *,
     alone: bool,
 ) -> JobOutcome:
-    claim = db.claim_job(engine, job_id, worker=worker_name, max_attempts=settings.max_attempts, alone=alone)
+    claim = db.retrying(settings.db_retry_s, what=f"claim job {job_id}")(
+        db.claim_job, engine, job_id, worker=worker_name, max_attempts=settings.max_attempts, alone=alone
+    )
     if claim.job is None:
         log.info("job %s skipped: %s", job_id, claim.reason)
         if claim.gave_up:
@@ -100,15 +102,19 @@ def _run(
         log.info("job %s handed back: the worker is stopping", job_id)
         return JobOutcome(job_id, HANDED_BACK)
     except ImageError as exc:
-        return _failed(engine, job_id, str(exc))
+        return _failed(engine, settings, job_id, str(exc))
     except SoftTimeLimitExceeded:
-        return _failed(engine, job_id, f"timed out after {settings.task_time_limit_s} s")
+        return _failed(engine, settings, job_id, f"timed out after {settings.task_time_limit_s} s")
     except Exception as exc:  # noqa: BLE001 - a job failure is data; the worker must keep going
         log.exception("job %s: captioning failed", job_id)
-        return _failed(engine, job_id, f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        return _failed(
+            engine, settings, job_id, f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        )
     caption = job.prepend + output.caption + job.append
     try:
-        stored = db.complete_job(
+        # The caption is computed: a database that is busy or restarting is waited for.
+        stored = db.retrying(settings.db_retry_s, what=f"store the caption of job {job_id}")(
+            db.complete_job,
             engine,
             job_id,
             caption=caption,
@@ -118,7 +124,7 @@ def _run(
     except (DataError, IntegrityError) as exc:
         # The database refuses this value for good; retrying cannot help, so the job fails.
         reason = str(exc.orig or exc).strip().splitlines()[0]
-        return _failed(engine, job_id, f"could not store the caption: {reason}")
+        return _failed(engine, settings, job_id, f"could not store the caption: {reason}")
     elapsed = time.monotonic() - started
     if not stored:
         log.info("job %s already finished elsewhere; caption discarded", job_id)
@@ -129,9 +135,11 @@ def _run(
     return JobOutcome(job_id, "done")
 
 
-def _failed(engine: Engine, job_id: int, reason: str) -> JobOutcome:
+def _failed(engine: Engine, settings: Settings, job_id: int, reason: str) -> JobOutcome:
     log.warning("job %s failed: %s", job_id, reason)
-    if db.fail_job(engine, job_id, reason):
+    if db.retrying(settings.db_retry_s, what=f"record the failure of job {job_id}")(
+        db.fail_job, engine, job_id, reason
+    ):
         _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "failed", reason)
 
