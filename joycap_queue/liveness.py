@@ -30,14 +30,16 @@ from typing import Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import LockError, RedisError
 from sqlalchemy import select as sql_select
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, and_, col, exists
+from sqlmodel import Session, and_, col, exists, select
 
 from joycap_queue import db
 from joycap_queue.broker import held_messages, restore_held, waiting_messages
 from joycap_queue.config import Settings
 from joycap_queue.models import Endpoint, Job, JobStatus, utcnow
 from joycap_queue.queue import make_celery, send_caption_jobs
+from joycap_queue.sidecars import finish_job_outputs, outputs_missing
 
 log = logging.getLogger(__name__)
 WORKER_KIND = "worker"
@@ -136,8 +138,56 @@ def _rescue_orphans(settings: Settings) -> int:
     engine = db.get_engine(settings.effective_database_url)
     with Session(engine) as session:
         orphans = orphaned_jobs(session, stale=stale_after(settings))
-    if not orphans:
-        return 0
+    rescued = _hand_out(settings, engine, orphans) if orphans else 0
+    finish_outputs_of_dead(engine, stale=stale_after(settings))
+    return rescued
+
+
+def finish_outputs_of_dead(engine: Engine, *, stale: timedelta) -> int:
+    """Write the sidecars (and moves) that dead workers stored a result for but never wrote.
+
+    A worker killed between storing a caption and writing `image.txt` leaves a done job without
+    its file. Each dead worker's row is looked at once, then removed: the jobs it finished in its
+    last moments get their outputs; jobs that still name it are judged by their age.
+    """
+    now = utcnow()
+    with Session(engine) as session:
+        dead = list(
+            session.exec(
+                select(Endpoint).where(Endpoint.kind == WORKER_KIND, col(Endpoint.heartbeat_at) < now - stale)
+            )
+        )
+        finished: list[int] = []
+        for endpoint in dead:
+            finished += [
+                job_id
+                for job_id in session.exec(
+                    select(Job.id).where(
+                        col(Job.worker) == endpoint.url,
+                        col(Job.status).in_((JobStatus.done.value, JobStatus.failed.value)),
+                        col(Job.finished_at) >= endpoint.started_at,
+                        col(Job.outputs) != "{}",
+                    )
+                )
+                if job_id is not None
+            ]
+    written = 0
+    for job_id in finished:
+        try:
+            if outputs_missing(engine, job_id):
+                finish_job_outputs(engine, job_id)
+                written += 1
+        except OSError as exc:
+            log.warning("job %s: sidecar or move failed: %s", job_id, exc)
+    for endpoint in dead:
+        if endpoint.id is not None:
+            db.release_endpoint(engine, endpoint.id)
+    if written:
+        log.warning("wrote the outputs of %d jobs whose workers died before writing them", written)
+    return written
+
+
+def _hand_out(settings: Settings, engine: Engine, orphans: list[Orphan]) -> int:
     by_worker: dict[str, list[Orphan]] = {}
     for orphan in orphans:
         by_worker.setdefault(orphan.worker, []).append(orphan)
@@ -226,6 +276,17 @@ def _restore_unclaimed(settings: Settings) -> int:
     return len(stranded)
 
 
+def broker_was_wiped(settings: Settings) -> bool:
+    """True once after Redis lost its data (and on a brand-new Redis): a marker key is gone.
+
+    SET NX: of all the workers noticing at once, one answers True and does the resending.
+    """
+    app = make_celery(settings)
+    with app.connection_for_write() as connection:
+        client = connection.default_channel.client
+        return bool(client.set(f"joycap:alive:{settings.queue}", "1", nx=True))
+
+
 def requeue_lost(settings: Settings, *, in_flight: timedelta) -> None:
     from joycap_queue.requeue import requeue_lost as requeue  # requeue builds on this module
 
@@ -257,6 +318,12 @@ class WorkerHeartbeat:
             try:
                 assert self.endpoint_id is not None
                 db.heartbeat_endpoint(self.engine, self.endpoint_id)
+                if broker_was_wiped(self.settings):
+                    # Redis restarted without its data: every waiting message is gone. Compare
+                    # now, and once more when sends in flight during the loss have landed.
+                    log.warning("Redis lost its data: sending again every job it no longer holds")
+                    requeue_lost(self.settings, in_flight=stale_after(self.settings))
+                    sweep_at = time.monotonic() + stale_after(self.settings).total_seconds()
                 if rescue_orphans(self.settings) + restore_unclaimed(self.settings):
                     # A worker killed while it took a message off the queue, before Redis filed
                     # it as delivered, lost it outright: once the dust settles, a full

@@ -201,6 +201,26 @@ def sidecar_record(job: JobPublic) -> dict[str, Any]:
     }
 
 
+def outputs_missing(engine: Engine, job_id: int) -> bool:
+    """Whether a finished job's outputs were never written: a sidecar it asks for is absent, or
+    its image still waits where a move would have taken it from."""
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return False
+        options = OutputOptions.from_json(job.outputs)
+        image, status = Path(job.path), job.status
+    if not image.exists():
+        return False
+    if status == JobStatus.done.value:
+        if options.done_dir:
+            return True
+        return (options.txt and not sidecar_path(image, ".txt").exists()) or (
+            options.json and not sidecar_path(image, ".json").exists()
+        )
+    return status == JobStatus.failed.value and bool(options.failed_dir)
+
+
 def finish_job_outputs(engine: Engine, job_id: int) -> Path | None:
     """Write the sidecars or move the image, as the finished job asks; its image's path after.
 

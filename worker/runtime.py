@@ -96,6 +96,7 @@ def reuse_redis_clients() -> None:
     work. Only the worker process calls this, before it consumes.
     """
     from kombu.transport import redis as kombu_redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     original = kombu_redis.Channel._create_client
     if getattr(original, "reuses_clients", False):
@@ -105,7 +106,15 @@ def reuse_redis_clients() -> None:
         if asynchronous:
             return original(self, asynchronous=True)
         client = self.__dict__.get("_joycap_client")
-        if client is None or client.connection_pool is not self.pool:
+        try:
+            pool = self.pool
+        except AttributeError as exc:
+            # The channel's connection was closed under it (Redis went away): kombu then fails
+            # with an AttributeError, which Celery treats as fatal and exits. As a connection
+            # error it reconnects instead; a message whose ack is lost here is delivered again
+            # and skipped (its job is finished).
+            raise RedisConnectionError("the connection to Redis was closed") from exc
+        if client is None or client.connection_pool is not pool:
             client = self.__dict__["_joycap_client"] = original(self)
         return client
 
