@@ -23,6 +23,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from joycap_queue import db
+from joycap_queue.config import Settings
 from joycap_queue.services import RedisServer, start_redis
 
 # Read when huggingface_hub is first imported, so set before any test module imports transformers.
@@ -102,6 +103,18 @@ class Service:
         if check and result.returncode != 0:
             raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
+
+    def settings(self) -> Settings:
+        """The settings a CLI call or a worker of this service runs with."""
+        env = self.env
+        return Settings(
+            broker_url=env["JOYCAP_BROKER_URL"],
+            database_url=env["JOYCAP_DATABASE_URL"],
+            queue=env["JOYCAP_QUEUE"],
+            model=env["JOYCAP_MODEL"],
+            max_new_tokens=int(env["JOYCAP_MAX_NEW_TOKENS"]),
+            data_dir=Path(env["JOYCAP_DATA_DIR"]),
+        )
 
     def start_worker(self, *args: str, name: str = "w1") -> Worker:
         log_path = self.tmp / f"worker-{name}.log"

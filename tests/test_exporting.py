@@ -24,24 +24,12 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from joycap_queue import db
-from joycap_queue.config import Settings
 from joycap_queue.exporting import RECORD_FIELDS
 from joycap_queue.intake import enqueue_images
 from joycap_queue.models import JobPublic
 from joycap_queue.request import build_request
 from joycap_queue.sidecars import sidecar_path
 from tests.conftest import Service
-
-
-def settings_of(service: Service) -> Settings:
-    env = service.env
-    return Settings(
-        broker_url=env["JOYCAP_BROKER_URL"],
-        database_url=env["JOYCAP_DATABASE_URL"],
-        queue=env["JOYCAP_QUEUE"],
-        model=env["JOYCAP_MODEL"],
-        data_dir=Path(env["JOYCAP_DATA_DIR"]),
-    )
 
 
 def make_image(path: Path, seed: int) -> Path:
@@ -55,7 +43,7 @@ def captioned(
     service: Service, images: list[Path], captions: list[str], **options: Any
 ) -> tuple[int | None, list[int]]:
     """Queue the images with these caption options, then store the captions as a worker would."""
-    settings = settings_of(service)
+    settings = service.settings()
     params = {"caption_type": "Descriptive", "length": "short", **options}
     summary = enqueue_images(images, build_request(settings, params), settings, recursive=False)
     engine = db.get_engine(settings.effective_database_url)
@@ -125,7 +113,7 @@ def test_file_formats_and_filters(
     )
     captioned(service, dogs, ["a dog", "another dog"], caption_type="Straightforward", extra=("lighting",))
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
-    settings = settings_of(service)
+    settings = service.settings()
     request = build_request(settings, {"caption_type": "Descriptive", "length": "short"})
     enqueue_images([tmp_path / "dogs" / "broken.png"], request, settings)
 

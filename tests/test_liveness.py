@@ -11,7 +11,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from joycap_queue.config import Settings
 from joycap_queue.requeue import job_ids_in_broker
 from tests.conftest import Service, Worker, wait_until
 from tests.test_pipeline import all_finished, jobs_in
@@ -22,10 +21,6 @@ HEARTBEAT = "0.5"  # dead after 2 s without a beat
 def kill(worker: Worker) -> None:
     os.killpg(worker.process.pid, signal.SIGKILL)
     worker.process.wait(timeout=10)
-
-
-def broker_settings(service: Service) -> Settings:
-    return Settings(broker_url=service.env["JOYCAP_BROKER_URL"], queue=service.env["JOYCAP_QUEUE"])
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(
@@ -45,7 +40,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     )
     kill(doomed)
     # Their messages are held in Redis, delivered to a worker that no longer exists.
-    assert job_ids_in_broker(broker_settings(service)) == {job.id for job in jobs_in(sqlite_url)}
+    assert job_ids_in_broker(service.settings()) == {job.id for job in jobs_in(sqlite_url)}
 
     service.env["JOYCAP_BATCH_WAIT_MS"] = "50"
     service.start_worker(name="next")
@@ -55,7 +50,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     assert [(job.status, job.attempts) for job in jobs] == [("done", 1)] * 4
     assert all(job.worker and job.worker.startswith("next@") and job.caption for job in jobs)
     # Every message is acknowledged: nothing will be delivered a third time.
-    wait_until(lambda: not job_ids_in_broker(broker_settings(service)), timeout=10, what="the acks")
+    wait_until(lambda: not job_ids_in_broker(service.settings()), timeout=10, what="the acks")
 
 
 def test_an_image_that_kills_its_worker_every_time_fails_after_max_attempts(

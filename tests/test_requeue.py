@@ -15,7 +15,6 @@ from joycap_queue.models import Job, utcnow
 from joycap_queue.requeue import job_ids_in_broker, requeue_lost
 from tests.conftest import Service, wait_until
 from tests.test_pipeline import all_finished, jobs_in
-from tests.test_watcher import settings_of
 
 
 def test_requeue_sends_only_what_redis_lost(
@@ -26,7 +25,7 @@ def test_requeue_sends_only_what_redis_lost(
 ) -> None:
     image_factory(tmp_path / "in", 5)
     service = service_for(database_url)
-    settings = settings_of(service)
+    settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
     ids = {job.id for job in jobs_in(database_url)}
     assert job_ids_in_broker(settings) == ids
@@ -73,7 +72,7 @@ def test_young_queued_jobs_are_left_alone(
 ) -> None:
     image_factory(tmp_path / "in", 2)
     service = service_for(sqlite_url)
-    settings = settings_of(service)
+    settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
     redis.Redis.from_url(settings.broker_url).delete(settings.queue)
     # Intake commits rows before it sends them: a fresh queued row may be in transit.

@@ -18,7 +18,6 @@ from joycap_queue.models import Job, utcnow
 from joycap_queue.queue import CAPTION_TASK, make_celery, send_caption_jobs
 from tests.conftest import Service, wait_until
 from tests.test_pipeline import all_finished, jobs_in
-from tests.test_watcher import settings_of
 
 
 def job_row(path: str, key: str) -> dict[str, object]:
@@ -51,9 +50,7 @@ def test_worker_reads_only_below_the_allowed_roots(
     with Session(db.get_engine(sqlite_url)) as session:
         ids = db.insert_jobs(session, [{**row, "model": model} for row in rows])
         session.commit()
-    send_caption_jobs(
-        make_celery(settings_of(service)), list(ids.values()), queue=service.env["JOYCAP_QUEUE"]
-    )
+    send_caption_jobs(make_celery(service.settings()), list(ids.values()), queue=service.env["JOYCAP_QUEUE"])
     service.start_worker()
     wait_until(all_finished(sqlite_url, 3), timeout=120, what="three jobs")
     by_key = {job.dedup_key: job for job in jobs_in(sqlite_url)}
@@ -71,7 +68,7 @@ def test_pickled_messages_are_refused_and_the_worker_goes_on(
 ) -> None:
     image_factory(tmp_path / "in", 2)
     service = service_for(sqlite_url)
-    settings = settings_of(service)
+    settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
     client = redis.Redis.from_url(settings.broker_url)
     client.delete(settings.queue)  # the JSON messages go; the jobs get one pickled, one JSON message
@@ -96,7 +93,7 @@ def test_worker_start_requeues_what_redis_lost(
 ) -> None:
     image_factory(tmp_path / "in", 3)
     service = service_for(sqlite_url)
-    settings = settings_of(service)
+    settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
     redis.Redis.from_url(settings.broker_url).delete(settings.queue)  # Redis lost everything
     with Session(db.get_engine(sqlite_url)) as session:

@@ -7,7 +7,6 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from joycap_queue.config import Settings
 from joycap_queue.requeue import job_ids_in_broker
 from tests.conftest import Service, Worker, wait_until
 from tests.test_pipeline import all_finished, jobs_in
@@ -39,8 +38,7 @@ def test_jobs_past_the_grace_go_back_to_the_queue_uncounted(
     assert "handed 3 jobs back to the queue" in slow.log()
     jobs = jobs_in(sqlite_url)
     assert [(job.status, job.attempts, job.worker) for job in jobs] == [("queued", 0, None)] * 3
-    settings = Settings(broker_url=service.env["JOYCAP_BROKER_URL"], queue=service.env["JOYCAP_QUEUE"])
-    assert job_ids_in_broker(settings) == {job.id for job in jobs}
+    assert job_ids_in_broker(service.settings()) == {job.id for job in jobs}
 
     service.env["JOYCAP_BATCH_WAIT_MS"] = "50"
     service.start_worker(name="next")

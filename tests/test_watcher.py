@@ -17,7 +17,6 @@ from PIL import Image
 from sqlmodel import Session, select
 
 from joycap_queue import db
-from joycap_queue.config import Settings
 from joycap_queue.images import hash_file
 from joycap_queue.models import Job, Submission
 from joycap_queue.sidecars import sidecar_path
@@ -34,18 +33,6 @@ def png_bytes(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
-
-
-def settings_of(service: Service) -> Settings:
-    env = service.env
-    return Settings(
-        broker_url=env["JOYCAP_BROKER_URL"],
-        database_url=env["JOYCAP_DATABASE_URL"],
-        queue=env["JOYCAP_QUEUE"],
-        model=env["JOYCAP_MODEL"],
-        max_new_tokens=int(env["JOYCAP_MAX_NEW_TOKENS"]),
-        data_dir=Path(env["JOYCAP_DATA_DIR"]),
-    )
 
 
 class RunningWatcher:
@@ -81,7 +68,7 @@ def start_watcher() -> Iterator[Callable[..., RunningWatcher]]:
         sidecar_grace: float = 60,
         **params: object,
     ) -> RunningWatcher:
-        settings = settings_of(service)
+        settings = service.settings()
         defaults: dict[str, object] = {"caption_type": "Descriptive", "length": "short", "sidecar": ("txt",)}
         config = inbox_config(inbox, settings, {**defaults, **params})
         watcher = FolderWatcher(
