@@ -21,12 +21,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import LockError, RedisError
 from sqlalchemy import select as sql_select
@@ -108,39 +108,38 @@ def blame(orphans: list[Orphan]) -> dict[int, bool]:
     return {o.job_id: len(claimed) == 1 for o in claimed}
 
 
-@contextmanager
-def _one_rescuer(settings: Settings) -> Iterator[bool]:
-    """True for the one process that may rescue now: every live worker tries on every beat, and
-    two judging one dead worker's jobs from different snapshots could blame different jobs."""
-    app = make_celery(settings)
+def rescue(settings: Settings, app: Celery | None = None) -> int:
+    """Hand out again what dead workers held; returns how many jobs were sent again.
+
+    Their claimed jobs (`rescue_orphans`), the messages they took and never claimed
+    (`restore_unclaimed`) and the outputs they never wrote, over one Redis connection, by one
+    process at a time: every live worker tries on every beat, and two judging one dead worker's
+    jobs from different snapshots could blame different jobs.
+    """
+    app = app or make_celery(settings)
+    engine = db.get_engine(settings.effective_database_url)
     with app.connection_for_write() as connection:
-        client = connection.default_channel.client
+        channel = connection.default_channel
         # Expires soon: the worker holding it may be the next one killed.
         ttl = max(5.0, stale_after(settings).total_seconds())
-        lock = client.lock(f"joycap:rescue:{settings.queue}", timeout=ttl, blocking=False)
+        lock = channel.client.lock(f"joycap:rescue:{settings.queue}", timeout=ttl, blocking=False)
         if not lock.acquire():
-            yield False
-            return
+            return 0
         try:
-            yield True
+            rescued = rescue_orphans(settings, engine, app, channel)
+            rescued += restore_unclaimed(settings, engine, channel)
+            finish_outputs_of_dead(engine, stale=stale_after(settings))
+            return rescued
         finally:
             with suppress(LockError):
                 lock.release()
 
 
-def rescue_orphans(settings: Settings) -> int:
-    """Hand the jobs of dead workers out again; returns how many were rescued."""
-    with _one_rescuer(settings) as mine:
-        return _rescue_orphans(settings) if mine else 0
-
-
-def _rescue_orphans(settings: Settings) -> int:
-    engine = db.get_engine(settings.effective_database_url)
+def rescue_orphans(settings: Settings, engine: Engine, app: Celery, channel: Any) -> int:
+    """Dead workers' claimed and received jobs back to `queued`, their messages back on the queue."""
     with Session(engine) as session:
         orphans = orphaned_jobs(session, stale=stale_after(settings))
-    rescued = _hand_out(settings, engine, orphans) if orphans else 0
-    finish_outputs_of_dead(engine, stale=stale_after(settings))
-    return rescued
+    return _hand_out(settings, engine, app, channel, orphans) if orphans else 0
 
 
 def finish_outputs_of_dead(engine: Engine, *, stale: timedelta) -> int:
@@ -187,7 +186,7 @@ def finish_outputs_of_dead(engine: Engine, *, stale: timedelta) -> int:
     return written
 
 
-def _hand_out(settings: Settings, engine: Engine, orphans: list[Orphan]) -> int:
+def _hand_out(settings: Settings, engine: Engine, app: Celery, channel: Any, orphans: list[Orphan]) -> int:
     by_worker: dict[str, list[Orphan]] = {}
     for orphan in orphans:
         by_worker.setdefault(orphan.worker, []).append(orphan)
@@ -211,16 +210,13 @@ def _hand_out(settings: Settings, engine: Engine, orphans: list[Orphan]) -> int:
                 rescued.append(orphan.job_id)
     if not rescued:
         return 0
-    app = make_celery(settings)
     wanted = set(rescued)
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        waiting = {m.job_id for _key, m in waiting_messages(channel, settings.queue) if m.job_id in wanted}
-        restored: set[int] = set()
-        for message in held_messages(channel, settings.queue):
-            if message.job_id in wanted and message.tag is not None and message.job_id not in restored:
-                restore_held(channel, message.tag)
-                restored.add(message.job_id)
+    waiting = {m.job_id for _key, m in waiting_messages(channel, settings.queue) if m.job_id in wanted}
+    restored: set[int] = set()
+    for message in held_messages(channel, settings.queue):
+        if message.job_id in wanted and message.tag is not None and message.job_id not in restored:
+            restore_held(channel, message.tag)
+            restored.add(message.job_id)
     missing = [job_id for job_id in rescued if job_id not in waiting and job_id not in restored]
     if missing:
         send_caption_jobs(app, missing, queue=settings.queue)
@@ -229,7 +225,7 @@ def _hand_out(settings: Settings, engine: Engine, orphans: list[Orphan]) -> int:
     return len(rescued)
 
 
-def restore_unclaimed(settings: Settings) -> int:
+def restore_unclaimed(settings: Settings, engine: Engine, channel: Any) -> int:
     """Hand out again messages delivered long ago to a worker that never took their job.
 
     A worker killed between receiving a message and claiming its job leaves no trace in the
@@ -239,49 +235,39 @@ def restore_unclaimed(settings: Settings) -> int:
     already finished, belongs to a dead worker. Its job is then sent again (or, finished, is
     skipped and acknowledged).
     """
-    with _one_rescuer(settings) as mine:
-        return _restore_unclaimed(settings) if mine else 0
-
-
-def _restore_unclaimed(settings: Settings) -> int:
     cutoff = time.time() - stale_after(settings).total_seconds()
-    app = make_celery(settings)
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        old = {
-            tag.decode() if isinstance(tag, bytes) else str(tag)
-            for tag in channel.client.zrangebyscore(channel.unacked_index_key, 0, cutoff)
-        }
-        if not old:
-            return 0
-        held = {m.job_id: m.tag for m in held_messages(channel, settings.queue) if m.tag in old}
-        if not held:
-            return 0
-        engine = db.get_engine(settings.effective_database_url)
-        with Session(engine) as session:
-            rows = session.execute(
-                sql_select(col(Job.id), col(Job.status), col(Job.worker)).where(col(Job.id).in_(held))
-            ).all()
-        stranded = [
-            job_id
-            for job_id, status, worker in rows
-            if (status == JobStatus.queued.value and worker is None) or status not in db.ACTIVE
-        ]
-        for job_id in stranded:
-            tag = held[job_id]
-            assert tag is not None
-            restore_held(channel, tag)
+    old = {
+        tag.decode() if isinstance(tag, bytes) else str(tag)
+        for tag in channel.client.zrangebyscore(channel.unacked_index_key, 0, cutoff)
+    }
+    if not old:
+        return 0
+    held = {m.job_id: m.tag for m in held_messages(channel, settings.queue) if m.tag in old}
+    if not held:
+        return 0
+    with Session(engine) as session:
+        rows = session.execute(
+            sql_select(col(Job.id), col(Job.status), col(Job.worker)).where(col(Job.id).in_(held))
+        ).all()
+    stranded = [
+        job_id
+        for job_id, status, worker in rows
+        if (status == JobStatus.queued.value and worker is None) or status not in db.ACTIVE
+    ]
+    for job_id in stranded:
+        tag = held[job_id]
+        assert tag is not None
+        restore_held(channel, tag)
     if stranded:
         log.warning("%d messages held by workers that died before taking them sent again", len(stranded))
     return len(stranded)
 
 
-def broker_was_wiped(settings: Settings) -> bool:
+def broker_was_wiped(settings: Settings, app: Celery) -> bool:
     """True once after Redis lost its data (and on a brand-new Redis): a marker key is gone.
 
     SET NX: of all the workers noticing at once, one answers True and does the resending.
     """
-    app = make_celery(settings)
     with app.connection_for_write() as connection:
         client = connection.default_channel.client
         return bool(client.set(f"joycap:alive:{settings.queue}", "1", nx=True))
@@ -300,6 +286,7 @@ class WorkerHeartbeat:
         self.settings = settings
         self.name = name
         self.engine = db.get_engine(settings.effective_database_url)
+        self.app = make_celery(settings)
         self.endpoint_id: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -318,13 +305,13 @@ class WorkerHeartbeat:
             try:
                 assert self.endpoint_id is not None
                 db.heartbeat_endpoint(self.engine, self.endpoint_id)
-                if broker_was_wiped(self.settings):
+                if broker_was_wiped(self.settings, self.app):
                     # Redis restarted without its data: every waiting message is gone. Compare
                     # now, and once more when sends in flight during the loss have landed.
                     log.warning("Redis lost its data: sending again every job it no longer holds")
                     requeue_lost(self.settings, in_flight=stale_after(self.settings))
                     sweep_at = time.monotonic() + stale_after(self.settings).total_seconds()
-                if rescue_orphans(self.settings) + restore_unclaimed(self.settings):
+                if rescue(self.settings, self.app):
                     # A worker killed while it took a message off the queue, before Redis filed
                     # it as delivered, lost it outright: once the dust settles, a full
                     # comparison of the database with Redis resends it.

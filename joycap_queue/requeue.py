@@ -1,7 +1,7 @@
 """`requeue`: rebuild lost messages from the database, the source of truth.
 
 Jobs of a worker that died (SIGKILL, a lost machine) are sent again first, by
-`liveness.rescue_orphans`, which every live worker also runs on each heartbeat.
+`liveness.rescue`, which every live worker also runs on each heartbeat.
 
 When Redis loses its data (a restart without persistence, a flush, a failover), every job the
 database holds as `queued`, or as `running` for longer than a job can run, has no message left.
@@ -24,7 +24,7 @@ from joycap_queue import db
 from joycap_queue.broker import held_messages, waiting_messages
 from joycap_queue.config import Settings, mask_url
 from joycap_queue.errors import ServiceUnavailable
-from joycap_queue.liveness import rescue_orphans, restore_unclaimed
+from joycap_queue.liveness import rescue
 from joycap_queue.models import Job, JobStatus, utcnow
 from joycap_queue.queue import make_celery, send_caption_jobs
 
@@ -79,7 +79,7 @@ def requeue_lost(
     stale_after = stale_after or timedelta(seconds=settings.task_time_limit_s + 60)
     engine = db.get_engine(settings.effective_database_url)
     try:
-        rescued = rescue_orphans(settings) + restore_unclaimed(settings)
+        rescued = rescue(settings)
     except (KombuOperationalError, RedisError, OSError) as exc:
         raise ServiceUnavailable(f"cannot reach Redis at {mask_url(settings.broker_url)}: {exc}") from None
     with Session(engine) as session:
