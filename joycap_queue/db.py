@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -333,42 +333,28 @@ def fail_job(engine: Engine, job_id: int, reason: str) -> bool:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def release_job(engine: Engine, job_id: int, *, worker: str, status: JobStatus = JobStatus.running) -> bool:
-    """Give a claimed job back to the queue uncounted: its worker stopped before captioning it.
-
-    Only while that worker still holds it: a job finished or claimed elsewhere is left alone.
-    With ``status=queued``, a job received but never claimed: only the note of holding it goes.
-    """
-    values: dict[str, Any] = {"status": JobStatus.queued.value, "worker": None, "started_at": None}
-    if status == JobStatus.running:
-        values["attempts"] = give_back_attempt()
-    with Session(engine) as session:
-        result = session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == status.value, col(Job.worker) == worker)
-            .values(**values)
-        )
-        session.commit()
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
 def return_to_queue(
-    engine: Engine, job_id: int, *, status: str, worker: str | None, started_at: Any, **values: Any
+    engine: Engine,
+    job_id: int,
+    *,
+    status: str,
+    worker: str,
+    started_at: datetime | None = None,
+    **values: Any,
 ) -> bool:
-    """Put a job whose worker is gone back to `queued`, if it is still as it was seen.
+    """Put a job back to `queued`, if it is still as it was seen: its worker stopped or died.
 
-    ``values`` adds columns to set (an attempt given back, isolation). Conditional on status,
-    worker and start time, so of several processes acting on one snapshot only one succeeds.
+    Conditional on status, worker and (when given) start time, so a job finished or taken
+    elsewhere is left alone and, of several processes acting on one snapshot, one succeeds.
+    ``values`` adds columns to set: an attempt given back (``give_back_attempt()``), isolation.
     """
+    conditions = [col(Job.id) == job_id, col(Job.status) == status, col(Job.worker) == worker]
+    if started_at is not None:
+        conditions.append(col(Job.started_at) == started_at)
     with Session(engine) as session:
         result = session.execute(
             update(Job)
-            .where(
-                col(Job.id) == job_id,
-                col(Job.status) == status,
-                col(Job.worker) == worker if worker is not None else col(Job.worker).is_(None),
-                col(Job.started_at) == started_at,
-            )
+            .where(*conditions)
             .values(status=JobStatus.queued.value, worker=None, started_at=None, **values)
         )
         session.commit()

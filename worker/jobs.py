@@ -58,7 +58,7 @@ def run_caption_job(
             return _run(job_id, engine, captioner, settings, worker_name, alone=alone)
     except HandedBack:
         # Stopped while waiting its turn: never claimed, so only the note of holding it goes.
-        db.release_job(engine, job_id, worker=worker_name, status=JobStatus.queued)
+        db.return_to_queue(engine, job_id, status=JobStatus.queued.value, worker=worker_name)
         return JobOutcome(job_id, HANDED_BACK)
 
 
@@ -98,7 +98,13 @@ def _run(
         )
     except HandedBack:
         # The worker is stopping: the job goes back uncounted, and the task hands its message back.
-        db.release_job(engine, job_id, worker=worker_name)
+        db.return_to_queue(
+            engine,
+            job_id,
+            status=JobStatus.running.value,
+            worker=worker_name,
+            attempts=db.give_back_attempt(),
+        )
         log.info("job %s handed back: the worker is stopping", job_id)
         return JobOutcome(job_id, HANDED_BACK)
     except ImageError as exc:
