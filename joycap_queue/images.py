@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageSequence, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Transparent pixels are composited onto white: training sets usually show transparent
@@ -82,12 +82,13 @@ def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> tuple[str, int]:
 def probe_image(path: Path) -> tuple[int, int]:
     """Width and height from the header alone (no decoding); ImageError if it is no image."""
     try:
-        with Image.open(path) as image:
-            return image.size
-    except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"unreadable image: {exc}") from None
+        with warnings.catch_warnings():
+            # Between Pillow's limit and twice it Pillow only warns: noise on `submit`'s stderr.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the file gets its reason
+        raise ImageError(file_error_reason(exc)) from None
 
 
 def decodes_completely(path: Path, *, max_pixels: int) -> bool:
@@ -106,7 +107,11 @@ def decodes_completely(path: Path, *, max_pixels: int) -> bool:
                 for frame in ImageSequence.Iterator(image):
                     frame.load()
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not a whole image yet"
+    except Image.DecompressionBombError:
+        # A header past twice Pillow's limit is refused at open, before its size can be asked:
+        # as over the limit, and as final, since waiting for it to change gains nothing.
+        return True
+    except Exception:  # noqa: BLE001 - any other failure means "not a whole image yet"
         return False
 
 
@@ -156,28 +161,80 @@ def open_image_rgb(source: Path | IO[bytes], *, max_pixels: int) -> Image.Image:
                     )
                 image.seek(0)
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(image) or image)
-    except ImageError:
-        raise
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+                return to_rgb(upright(image))
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the file gets its reason
         raise ImageError(file_error_reason(exc)) from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"broken image: {exc}") from None
 
 
-def file_error_reason(exc: OSError) -> str:
-    """The one-line reason for a file that cannot be read."""
+# EXIF orientation → the turn that shows the image upright (as ImageOps.exif_transpose maps it).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as stored when its EXIF cannot be read.
+
+    Not ImageOps.exif_transpose: it also rewrites the EXIF block, and a malformed one makes that
+    raise TypeError or struct.error for pixels that are fine. The model never sees the EXIF, and a
+    camera's broken maker note should not cost the image its caption.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the orientation is unknown, not an error
+        return image
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
+
+
+MAX_REASON = 300
+
+
+def file_error_reason(exc: BaseException) -> str:
+    """The one-line reason for a file that cannot be read as an image, whatever raised.
+
+    The one place every path (submit, watch, dataset intake, the worker) turns a failure into a
+    reason. Pillow says "bad file" with more than OSError: DecompressionBombError (an Exception)
+    for a header claiming too many pixels, SyntaxError for a broken PNG chunk, ValueError for
+    impossible dimensions, and TypeError, struct.error, EOFError and others from its parsers.
+    """
+    if isinstance(exc, ImageError):
+        return str(exc)
     if isinstance(exc, FileNotFoundError):
         return "file not found (moved or deleted after submit)"
     if isinstance(exc, PermissionError):
         return "permission denied reading the file"
     if isinstance(exc, IsADirectoryError):
         return "path is a directory, not an image"
-    return f"cannot read file: {exc.strerror or exc}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if isinstance(exc, Image.DecompressionBombError):
+        return _one_line(f"image too large: {exc}")
+    if isinstance(exc, MemoryError):
+        return "image too large: out of memory decoding it"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # From the operating system (EIO, a stale NFS handle), not Pillow's "truncated" kind.
+        return _one_line(f"cannot read file: {exc.strerror or exc}")
+    detail = str(exc) or type(exc).__name__
+    if not isinstance(exc, (OSError, SyntaxError, ValueError)):
+        # Not how Pillow means to report a bad file: the type says more than the message.
+        kind = type(exc)
+        name = (
+            kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        detail = f"{name}: {detail}"
+    return _one_line(f"broken image: {detail}")
+
+
+def _one_line(reason: str) -> str:
+    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    return first if len(first) <= MAX_REASON else first[: MAX_REASON - 1] + "…"
 
 
 def check_allowed(path: Path, roots: list[str]) -> None:

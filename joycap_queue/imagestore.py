@@ -14,11 +14,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from joycap_queue.config import Settings
 from joycap_queue.files import write_atomic
-from joycap_queue.images import ImageError
+from joycap_queue.images import ImageError, file_error_reason
 
 # Pillow's format name → the extension discovery and the worker know. Other formats Pillow reads
 # (AVIF, ICO, PPM, JPEG 2000 …) are stored as PNG, so every stored file is one the pipeline takes.
@@ -50,10 +50,8 @@ def _format_of(data: bytes) -> str:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 return str(image.format or "")
-    except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"unreadable image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the row gets its reason
+        raise ImageError(file_error_reason(exc)) from None
 
 
 def _as_png(data: bytes) -> bytes:
@@ -63,8 +61,8 @@ def _as_png(data: bytes) -> bytes:
             out = io.BytesIO()
             image.save(out, "PNG")
             return out.getvalue()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot convert image to PNG: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the row gets its reason
+        raise ImageError(f"cannot convert image to PNG: {file_error_reason(exc)}") from None
 
 
 def store_image(root: Path, data: bytes) -> StoredImage:

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from joycap_queue import db
 from joycap_queue.config import Settings
-from joycap_queue.images import Discovered, ImageError, discover, hash_file, probe_image
+from joycap_queue.images import Discovered, ImageError, discover, file_error_reason, hash_file, probe_image
 from joycap_queue.models import JobStatus, Submission, utcnow
 from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
 from joycap_queue.request import CaptionRequest, dedup_key
@@ -149,8 +149,9 @@ def enqueue_images(
             try:
                 row = rows.row(found.path)
             except OSError as exc:
+                # Unreadable before it could be hashed: no content hash, so no row, only the reason.
                 summary.rejected += 1
-                summary.rejections.append((str(found.path), exc.strerror or str(exc)))
+                summary.rejections.append((str(found.path), file_error_reason(exc)))
                 continue
             row["submission_id"] = submission.id
             pending.append(_Pending(row, row["dedup_key"]))

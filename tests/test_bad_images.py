@@ -11,7 +11,11 @@ from pathlib import Path
 from PIL import Image
 
 from tests.conftest import Service, wait_until
+from tests.hostile_images import REFUSED_BY_HEADER, write_hostile
 from tests.test_pipeline import all_finished, jobs_in
+
+# Refused at intake, before any worker: zero bytes, text, and the headers of tests/hostile_images.py.
+REJECTED_AT_INTAKE = 2 + len(REFUSED_BY_HEADER)
 
 
 def jpeg(image: Image.Image, **kwargs: object) -> bytes:
@@ -71,7 +75,9 @@ def make_odd_images(root: Path) -> tuple[dict[str, str], list[Path]]:
         keep(name, out.getvalue())
     keep("ünïcödé name ✓.png", png(Image.new("RGB", (30, 30), "orange")))
     keep("new\nline.png", png(Image.new("RGB", (30, 30), "pink")))
-    return must_fail, good
+    # Headers claiming billions of pixels, broken chunks, broken EXIF: crafted, see the module.
+    hostile_fail, hostile_good = write_hostile(root)
+    return {**must_fail, **hostile_fail}, good + hostile_good
 
 
 def test_odd_images_end_captioned_or_failed_with_their_reason(
@@ -84,9 +90,13 @@ def test_odd_images_end_captioned_or_failed_with_their_reason(
     result = service.cli("submit", str(tmp_path / "odd"))
     (tmp_path / "odd" / "deleted-after-submit.png").unlink()
     Image.new("RGB", (20, 20), "black").save(tmp_path / "odd" / "replaced-after-submit.png")
-    assert "rejected 2" in result.stdout, result.stdout  # zero bytes and text fail at intake
-    worker = service.start_worker("--batch-size", "4")
     total = len(must_fail) + len(good)
+    # One bad header used to end the submit in a traceback with nothing queued: now every good
+    # image is queued, each bad one is a row with its reason, and Pillow's warnings stay quiet.
+    assert f"queued {total - REJECTED_AT_INTAKE}," in result.stdout, result.stdout
+    assert f"rejected {REJECTED_AT_INTAKE}" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr, result.stderr
+    worker = service.start_worker("--batch-size", "4")
     wait_until(all_finished(sqlite_url, total), timeout=180, what="every odd image")
 
     jobs = {Path(job.path).name: job for job in jobs_in(sqlite_url)}

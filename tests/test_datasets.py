@@ -17,6 +17,7 @@ from sqlmodel import Session, select
 from joycap_queue import db
 from joycap_queue.models import DatasetRow, Job
 from tests.conftest import Service, wait_until
+from tests.hostile_images import jpeg_claiming, png_claiming
 
 # Rows 1 and 4 hold the same image with the same name: one job captions both rows. The ids are
 # not in sorted order, so an export that sorted by name instead of keeping the row order shows.
@@ -189,15 +190,22 @@ def test_bad_rows_are_rejected_with_reasons(
                 {"bytes": image_bytes(1), "path": None},
                 {"bytes": b"not an image", "path": None},
                 None,
+                # Headers claiming billions of pixels used to end the whole submit in a traceback.
+                {"bytes": png_claiming(30000, 30000), "path": None},
+                {"bytes": jpeg_claiming(65000, 65000), "path": None},
+                {"bytes": image_bytes(2), "path": None},
             ],
-            "im_name": ["good", "garbage", "empty"],
+            "im_name": ["good", "garbage", "empty", "huge-png", "huge-jpeg", "also-good"],
         },
         features=features,
     ).save_to_disk(str(source))
     result = service.cli("submit-dataset", str(source))
-    assert "queued 1" in result.stdout and "rejected 2" in result.stdout, result.stdout
+    assert "queued 2" in result.stdout and "rejected 4" in result.stdout, result.stdout
     assert "row 1 (garbage): not an image Pillow can read" in result.stderr
     assert "row 2 (empty): the row has no image" in result.stderr
+    assert "row 3 (huge-png): image too large: Image size (900000000 pixels)" in result.stderr
+    assert "row 4 (huge-jpeg): image too large: Image size (4225000000 pixels)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,27 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb, probe_image
+from joycap_queue.images import (
+    ImageError,
+    decodes_completely,
+    discover,
+    file_error_reason,
+    hash_file,
+    open_image_rgb,
+    probe_image,
+)
+from joycap_queue.imagestore import store_image
+from tests.hostile_images import CAPTIONED_DESPITE_EXIF, REFUSED_AT_DECODE, REFUSED_BY_HEADER
 
 LIMIT = 50_000_000
 
@@ -128,3 +141,66 @@ def test_read_verified_refuses_changed_or_missing_files(tmp_path: Path) -> None:
         read_verified(path, digest)
     with pytest.raises(ImageError, match="is a directory"):
         read_verified(tmp_path, digest)
+
+
+def first_reason(*calls: Callable[[], object]) -> str | None:
+    """The ImageError message of the first call that refuses; None when every call succeeds."""
+    for call in calls:
+        try:
+            call()
+        except ImageError as exc:
+            return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("name", sorted({**REFUSED_BY_HEADER, **REFUSED_AT_DECODE}))
+def test_hostile_files_become_one_line_reasons_never_other_exceptions(tmp_path: Path, name: str) -> None:
+    make, reason = {**REFUSED_BY_HEADER, **REFUSED_AT_DECODE}[name]
+    path = tmp_path / name
+    path.write_bytes(make())
+    probed = first_reason(lambda: probe_image(path))
+    # Refused by the header at intake, or else by the worker's decode (from a path and from bytes,
+    # as the worker reads them); anything but ImageError escaping fails the test.
+    assert (probed is not None) == (name in REFUSED_BY_HEADER), probed
+    for decoded in (
+        first_reason(lambda: open_image_rgb(path, max_pixels=LIMIT)),
+        first_reason(lambda: open_image_rgb(io.BytesIO(path.read_bytes()), max_pixels=LIMIT)),
+    ):
+        for message in (probed or decoded, decoded):
+            assert message is not None and reason in message, (name, message)
+            assert "\n" not in message and len(message) <= 300
+    assert first_reason(lambda: store_image(tmp_path / "store", path.read_bytes())) == probed
+    if "header" in name:
+        # The watcher takes it as complete (to be refused with its reason), not as half-written.
+        assert decodes_completely(path, max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("name", sorted(CAPTIONED_DESPITE_EXIF))
+def test_a_broken_exif_costs_the_orientation_at_most_never_the_image(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(CAPTIONED_DESPITE_EXIF[name]())
+    image = open_image_rgb(path, max_pixels=LIMIT)
+    # The JPEGs' orientation (6) is still readable beside the broken tag: turned upright.
+    assert image.mode == "RGB" and image.size == ((60, 20) if name.endswith(".webp") else (20, 60))
+    assert probe_image(path) == (60, 20)
+    assert decodes_completely(path, max_pixels=LIMIT)
+
+
+def test_every_kind_of_failure_has_its_one_line_reason() -> None:
+    cases: list[tuple[BaseException, str]] = [
+        (FileNotFoundError(errno.ENOENT, "No such file"), "file not found"),
+        (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+        (OSError(errno.EIO, "Input/output error"), "cannot read file: Input/output error"),
+        (OSError("image file is truncated (3 bytes not processed)"), "broken image: image file is truncated"),
+        (SyntaxError("broken PNG file"), "broken image: broken PNG file"),
+        (struct.error("unpack requires a buffer of 4 bytes"), "broken image: struct.error: unpack requires"),
+        (TypeError("bad operand type"), "broken image: TypeError: bad operand type"),
+        (EOFError(), "broken image: EOFError"),
+        (ZeroDivisionError("division by zero"), "broken image: ZeroDivisionError"),
+        (MemoryError(), "image too large"),
+        (ValueError("line one\nline two"), "broken image: line one"),
+    ]
+    for exc, reason in cases:
+        message = file_error_reason(exc)
+        assert message.startswith(reason), (exc, message)
+        assert "\n" not in message
