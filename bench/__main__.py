@@ -11,7 +11,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["overhead", "batching", "submit", "watch"]
+BENCHMARKS = ["overhead", "engine", "batching", "submit", "watch"]
 OPTIONAL = ["gpu"]
 
 

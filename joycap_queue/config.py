@@ -17,6 +17,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "fancyfeast/llama-joycaption-beta-one-hf-llava"
+# -b auto on paths without the continuous engine (generate, vllm's batcher, openai, null).
+GENERATE_BATCH_SIZE = 8
 # The tiny model builder leaves this file in its folder; its presence is how the light side knows,
 # without importing torch, that captions will be random text.
 TINY_MODEL_MARKER = "joycap-tiny.json"
@@ -56,8 +58,16 @@ class Settings(BaseSettings):
     # transformers (default), vllm (in-process engine), openai (a remote OpenAI-compatible server),
     # null (no model, a fixed caption: measures the pipeline's own cost; never a default).
     backend: Literal["transformers", "vllm", "openai", "null"] = "transformers"
-    batch_size: int = Field(default=8, ge=1, le=1024)
+    # continuous: the transformers backend's own engine (one KV cache, slots refilled mid-flight,
+    # CUDA graphs); generate: transformers' generate on batches merged by the batcher.
+    engine: Literal["continuous", "generate"] = "continuous"
+    # Images in flight (continuous) or per generate call; 0 is "auto": for the continuous engine
+    # as many as the KV cache fits in kv_memory_fraction of the GPU, else GENERATE_BATCH_SIZE.
+    batch_size: int = Field(default=0, ge=0, le=1024)
     batch_wait_ms: float = Field(default=50.0, ge=0.0, le=60_000.0)
+    kv_memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Prompt tokens per prefill forward between decode steps; 0: 512 on a GPU, whole on the CPU.
+    prefill_chunk: int = Field(default=0, ge=0, le=65_536)
     # "" (this process, one model), "all", or GPU indices "0,1,3": one worker process per GPU.
     gpus: str = ""
     openai_url: str = ""
@@ -105,6 +115,13 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _auto_batch(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return 0
+        return value
+
     @field_validator("gpus")
     @classmethod
     def _gpu_list(cls, value: str) -> str:
@@ -128,8 +145,22 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def uses_engine(self) -> bool:
+        return self.backend == "transformers" and self.engine == "continuous"
+
+    @property
+    def effective_batch_size(self) -> int:
+        """The batch size to run; 0 (auto) only resolves here for paths without the engine."""
+        return self.batch_size or GENERATE_BATCH_SIZE
+
+    @property
     def effective_concurrency(self) -> int:
-        return self.concurrency or 2 * self.batch_size
+        if self.concurrency:
+            return self.concurrency
+        if self.uses_engine:
+            # Enough ready images to refill slots the moment they free, not a second batch.
+            return min(512, self.effective_batch_size + max(4, self.effective_batch_size // 2))
+        return min(512, 2 * self.effective_batch_size)
 
     @property
     def effective_database_url(self) -> str:

@@ -80,6 +80,9 @@ class Batcher:
     def model_id(self) -> str:
         return self.backend.model_id
 
+    def describe(self) -> str:
+        return f"{self.backend.describe()}, batches of up to {self.max_batch_size}"
+
     def start(self) -> Batcher:
         """Start the generate thread (idempotent); requests queued before it wait for it."""
         with self._cond:
@@ -110,7 +113,7 @@ class Batcher:
             self._cond.notify_all()
         handed = 0
         for request in requests:
-            if _settle(request.future, error=HandedBack("the worker is stopping")):
+            if settle(request.future, error=HandedBack("the worker is stopping")):
                 handed += 1
         return handed
 
@@ -185,7 +188,7 @@ class Batcher:
         try:
             outputs = self.backend.generate([r.prepared for r in batch], batch[0].params)
         except Exception as exc:  # noqa: BLE001 - every failure is handed to its requests
-            failure = _without_frames(exc)
+            failure = without_frames(exc)
         if failure is not None:
             # Outside the except block: while an exception is being handled, its traceback keeps
             # the failed generate's frames, and with them its KV cache and activations, alive.
@@ -196,11 +199,11 @@ class Batcher:
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         for request, output in zip(batch, outputs, strict=True):
-            _settle(request.future, result=output)
+            settle(request.future, result=output)
 
     def _recover(self, batch: Sequence[_Request], exc: Exception) -> None:
         if len(batch) == 1:
-            _settle(batch[0].future, error=exc)
+            settle(batch[0].future, error=exc)
             return
         half = (len(batch) + 1) // 2
         if is_out_of_memory(exc):
@@ -209,7 +212,7 @@ class Batcher:
                 log.warning("out of memory at batch size %d: batches are now at most %d", len(batch), half)
                 self.max_batch_size = half
         else:
-            log.warning("a batch of %d failed (%s); running its halves apart", len(batch), _one_line(exc))
+            log.warning("a batch of %d failed (%s); running its halves apart", len(batch), one_line(exc))
         start = 0
         while start < len(batch):
             # Re-read the limit per part: a first half that ran out of memory again lowered it.
@@ -218,7 +221,7 @@ class Batcher:
             start += step
 
 
-def _settle(
+def settle(
     future: Future[CaptionOutput], *, result: CaptionOutput | None = None, error: BaseException | None = None
 ) -> bool:
     """Set a future's outcome unless it has one already (handed back while its batch ran)."""
@@ -233,7 +236,7 @@ def _settle(
     return True
 
 
-def _without_frames(exc: BaseException) -> Exception:
+def without_frames(exc: BaseException) -> Exception:
     """The exception and its chain with their tracebacks dropped, so their frames can be freed."""
     seen: set[int] = set()
     link: BaseException | None = exc
@@ -245,6 +248,6 @@ def _without_frames(exc: BaseException) -> Exception:
     return exc
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

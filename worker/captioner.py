@@ -53,6 +53,7 @@ class PreparedImage:
 
     ids: list[int]
     pixels: torch.Tensor
+    forced_length: int | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -214,6 +215,7 @@ class Captioner(Backend):
         return PreparedImage(
             ids=self.encode_prompt(item.prompt, item.system_prompt),
             pixels=preprocess_image(item.image, self.image_size),
+            forced_length=item.forced_length,
         )
 
     def generate(self, batch: Sequence[PreparedImage], params: GenerationParams) -> list[CaptionOutput]:
@@ -226,7 +228,12 @@ class Captioner(Backend):
         width = max(len(ids) for ids in prompts)
         input_ids = torch.tensor([[self._pad_id] * (width - len(ids)) + ids for ids in prompts])
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+        forced = [item.forced_length or 0 for item in batch]
+        processors = [ForcedLengths(forced, width, self.encoder.stop_ids)] if any(forced) else []
         with self._generate_lock, torch.inference_mode():
+            if params.seed is not None:
+                # Repeatable for the same batch; only the continuous engine is repeatable per image.
+                torch.manual_seed(params.seed)
             generated = self._model.generate(
                 input_ids=input_ids.to(self._model.device),
                 pixel_values=pixels.to(self._model.device, self._model.dtype),
@@ -235,6 +242,7 @@ class Captioner(Backend):
                 use_cache=True,
                 eos_token_id=self.encoder.stop_ids,
                 pad_token_id=self._pad_id,
+                logits_processor=processors or None,
                 **params.generate_kwargs(),
             )
         new_tokens = generated[:, width:].tolist()
@@ -253,3 +261,33 @@ class Captioner(Backend):
     def _decode(self, tokens: list[int], *, prompt_tokens: int) -> CaptionOutput:
         text, output_tokens = self.encoder.decode_reply(tokens)
         return CaptionOutput(caption=text, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+
+
+class ForcedLengths:
+    """A logits processor ending row i with a stop token after exactly ``lengths[i]`` new tokens.
+
+    The same rule as the engine's ``forced_end`` (``worker/sampling.py``): no stop token before,
+    only a stop token at that step; 0 leaves a row alone.
+    """
+
+    def __init__(self, lengths: list[int], prompt_width: int, stop_ids: list[int]) -> None:
+        self.lengths = torch.tensor(lengths)
+        self.prompt_width = prompt_width
+        self.stop_ids = stop_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        lengths = self.lengths.to(scores.device)
+        lowest = torch.finfo(scores.dtype).min
+        early = (lengths > 0) & (step < lengths - 1)
+        scores[early[:, None] & _columns(scores, self.stop_ids)] = lowest
+        at_end = (lengths > 0) & (step == lengths - 1)
+        scores[at_end] = lowest
+        scores[at_end, self.stop_ids[0]] = 0.0
+        return scores
+
+
+def _columns(scores: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    mask[ids] = True
+    return mask[None, :]

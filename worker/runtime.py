@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from joycap_queue.config import Settings, get_settings
 from worker.backends import Backend, make_backend
 from worker.batcher import Batcher
 from worker.gate import Gate
 
+if TYPE_CHECKING:
+    from worker.engine import ContinuousEngine
+
+# What task threads hand images to: the continuous engine, or the batcher over any backend.
+CaptionStream = Union[Batcher, "ContinuousEngine"]
+
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _backend: Backend | None = None
-_batcher: Batcher | None = None
+_batcher: CaptionStream | None = None
 # One per process: the task threads pass it to be in flight together, or one suspect alone.
 _gate = Gate()
 
@@ -39,16 +45,32 @@ def get_backend(settings: Settings | None = None) -> Backend:
 get_captioner = get_backend
 
 
-def get_batcher(settings: Settings | None = None) -> Batcher:
-    """The process's batcher over its backend, its generate thread started."""
+def get_batcher(settings: Settings | None = None) -> CaptionStream:
+    """The process's caption stream over its backend, started (the engine warmed up and captured)."""
     global _batcher
     settings = settings or get_settings()
     backend = get_backend(settings)
     with _lock:
         if _batcher is None:
-            _batcher = Batcher(backend, max_batch_size=settings.batch_size, wait_ms=settings.batch_wait_ms)
+            _batcher = _make_stream(settings, backend)
         batcher = _batcher
     return batcher.start()
+
+
+def _make_stream(settings: Settings, backend: Backend) -> CaptionStream:
+    if settings.uses_engine:
+        from worker.captioner import Captioner
+        from worker.engine import ContinuousEngine
+
+        assert isinstance(backend, Captioner)
+        return ContinuousEngine(
+            backend,
+            slots=settings.batch_size,
+            kv_memory_fraction=settings.kv_memory_fraction,
+            prefill_chunk=settings.prefill_chunk,
+            max_new_tokens=settings.max_new_tokens,
+        )
+    return Batcher(backend, max_batch_size=settings.effective_batch_size, wait_ms=settings.batch_wait_ms)
 
 
 def get_gate() -> Gate:

@@ -58,7 +58,16 @@ def load_captioner(settings: Settings) -> Any:
         raise JoycapError(str(exc)) from None
 
 
-WORKER_SETTINGS = ("backend", "batch_size", "batch_wait_ms", "gpus", "openai_url", "shutdown_grace_s")
+WORKER_SETTINGS = (
+    "backend",
+    "engine",
+    "batch_size",
+    "batch_wait_ms",
+    "kv_memory_fraction",
+    "gpus",
+    "openai_url",
+    "shutdown_grace_s",
+)
 GENERATE_SWITCH_INTERVAL_S = 0.0005
 
 
@@ -86,12 +95,27 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
     "the queue itself).",
 )
 @click.option(
+    "--engine",
+    envvar="JOYCAP_ENGINE",
+    show_envvar=True,
+    type=click.Choice(["continuous", "generate"]),
+    help="transformers backend: continuous (default: one KV cache, a finished caption's slot "
+    "refilled at once, CUDA graphs) or generate (transformers' generate on merged batches).",
+)
+@click.option(
     "--batch-size",
     "-b",
-    type=int,
     envvar="JOYCAP_BATCH_SIZE",
     show_envvar=True,
-    help="Most images per generate call; in-flight jobs are merged up to this [default: 8].",
+    help="Images in flight (continuous engine) or per generate call; 'auto' (default): as many as "
+    "the KV cache fits in --kv-memory-fraction of the GPU (16 on a CPU; 8 with --engine generate).",
+)
+@click.option(
+    "--kv-memory-fraction",
+    type=float,
+    envvar="JOYCAP_KV_MEMORY_FRACTION",
+    show_envvar=True,
+    help="Share of the GPU's memory the model and the KV cache may take, for -b auto [default: 0.9].",
 )
 @click.option(
     "--batch-wait-ms",
@@ -162,7 +186,8 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
       joycap-queue worker
       JOYCAP_MODEL=fancyfeast/llama-joycaption-beta-one-hf-llava joycap-queue worker -c 8
       joycap-queue worker --model ./tiny-model --device cpu
-      joycap-queue worker --gpus all -b 16
+      joycap-queue worker --gpus all -b auto
+      joycap-queue worker --engine generate -b 16
       joycap-queue worker --backend openai --openai-url http://127.0.0.1:8000/v1 -c 32
     """
     settings = with_worker_options(build_settings(params), params)
@@ -191,10 +216,15 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
             fg="yellow",
             err=True,
         )
-    backend = load_captioner(settings)
+    load_captioner(settings)
     from worker.runtime import get_batcher, install_shutdown_grace, reuse_redis_clients
 
-    get_batcher(settings)
+    try:
+        stream = get_batcher(settings)
+    except MemoryError as exc:  # the engine's cache does not fit: a setting to change, no traceback
+        raise JoycapError(str(exc)) from None
+    # -b auto is resolved now, by the engine's memory arithmetic: size the thread pool from it.
+    settings = settings.model_copy(update={"batch_size": stream.max_batch_size})
     install_shutdown_grace(settings.shutdown_grace_s)
     reuse_redis_clients()
     # The generate thread releases the GIL around every torch op and must get it back at once;
@@ -202,8 +232,7 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     # about 12% on the tiny model (bench/batching.py).
     sys.setswitchinterval(GENERATE_SWITCH_INTERVAL_S)
     click.echo(
-        f"model {settings.model} loaded: {backend.describe()}, batches of up to {settings.batch_size}, "
-        f"{settings.effective_concurrency} jobs in flight",
+        f"model {settings.model} loaded: {stream.describe()}, {settings.effective_concurrency} jobs in flight",
         err=True,
     )
     from celery.signals import celeryd_after_setup

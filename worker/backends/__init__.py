@@ -44,7 +44,7 @@ def make_backend(settings: Settings) -> Backend:
         return VllmBackend(
             settings.model,
             dtype=settings.dtype,
-            max_batch_size=settings.batch_size,
+            max_batch_size=settings.batch_size or 256,  # auto: vLLM schedules within its memory
             gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         )
     if settings.backend == "openai":

@@ -23,6 +23,8 @@ class GenerationParams:
 
     ``min_new_tokens`` forces a length (benchmarks compare like with like: random weights stop
     at random places); 0, the default, lets every caption stop at its end-of-turn token.
+    ``seed`` makes sampling repeatable: the continuous engine gives the same caption for the same
+    image and seed whatever else is in flight; None draws a fresh one per caption.
     """
 
     temperature: float = 0.6
@@ -31,6 +33,7 @@ class GenerationParams:
     max_new_tokens: int = 256
     greedy: bool = False
     min_new_tokens: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,9 +51,11 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, object]:
         described = asdict(self)
+        # Left out when unused, so job rows and dedup keys written before they existed still match.
         if not self.min_new_tokens:
-            # Left out when unused, so job rows and dedup keys written before it existed still match.
             del described["min_new_tokens"]
+        if self.seed is None:
+            del described["seed"]
         return described
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -76,6 +81,9 @@ class CaptionInput:
     image: Image.Image
     prompt: str
     system_prompt: str
+    # Benchmarks and tests: end this caption with a stop token after exactly this many new tokens
+    # (each image its own length, as real captions vary), in every engine alike.
+    forced_length: int | None = None
 
 
 @dataclass
