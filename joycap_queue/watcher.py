@@ -15,15 +15,13 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from celery import Celery
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
-from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -31,13 +29,13 @@ from watchdog.observers.polling import PollingObserver
 from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
-from joycap_queue.images import IMAGE_EXTENSIONS, decodes_completely, has_end_marker
+from joycap_queue.images import decodes_completely, has_end_marker
+from joycap_queue.inbox import InboxState, NoticeHandler, Pending, walk_candidates
 from joycap_queue.intake import enqueue_images
 from joycap_queue.models import Job, JobPublic, JobStatus, Watcher, utcnow
 from joycap_queue.queue import make_celery
 from joycap_queue.requeue import requeue_lost
 from joycap_queue.sidecars import (
-    OutputOptions,
     finish_job_outputs,
     sidecar_path,
     sidecar_record,
@@ -47,8 +45,6 @@ from joycap_queue.watchconfig import InboxConfig
 
 log = logging.getLogger(__name__)
 
-# Names copy tools and browsers give a file while they write it; the final rename brings it in.
-TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".!qb", "~")
 HEARTBEAT_S = 2.0
 # A watcher row not refreshed for this long belongs to a watcher that died.
 STALE_AFTER = timedelta(seconds=15)
@@ -56,100 +52,6 @@ STALE_AFTER = timedelta(seconds=15)
 SIDECAR_GRACE = 60.0
 TICK_S = 0.25
 MAX_ENQUEUE = 1000
-
-
-@dataclass
-class _Pending:
-    size: int
-    mtime_ns: int
-    changed_at: float  # wall-clock time the file was last seen changing
-    closed: bool = False
-    undecodable: bool = False
-    warned: bool = False
-
-
-@dataclass
-class InboxState:
-    """One inbox: what it has seen, what waits to settle, and what it has queued."""
-
-    config: InboxConfig
-    excluded: tuple[Path, ...]
-    pending: dict[Path, _Pending] = field(default_factory=dict)
-    handled: dict[Path, tuple[int, int]] = field(default_factory=dict)
-    twins: dict[Path, int] = field(default_factory=dict)
-    seen: int = 0
-    queued: int = 0
-    watcher_id: int | None = None
-    submission_id: int | None = None
-
-    @property
-    def root(self) -> Path:
-        return self.config.path
-
-    @property
-    def outputs(self) -> OutputOptions:
-        return self.config.request.outputs
-
-    def is_candidate(self, path: Path) -> bool:
-        name = path.name
-        if name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES):
-            return False
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            return False
-        try:
-            relative = path.relative_to(self.root)
-        except ValueError:
-            return False
-        if any(part.startswith(".") for part in relative.parts[:-1]):
-            return False
-        return not any(path.is_relative_to(excluded) for excluded in self.excluded)
-
-
-class _Handler(FileSystemEventHandler):
-    """Runs on the observer's thread: only records which paths to look at."""
-
-    def __init__(
-        self,
-        notices: queue.SimpleQueue[tuple[InboxState, Path, bool]],
-        state: InboxState,
-        wake: threading.Event,
-    ):
-        self.notices, self.state, self.wake = notices, state, wake
-
-    def _notice(self, raw: str | bytes, *, closed: bool = False) -> None:
-        path = Path(os.fsdecode(raw))
-        if self.state.is_candidate(path):
-            self.notices.put((self.state, path, closed))
-            self.wake.set()
-
-    def on_created(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self._notice(event.src_path)
-
-    def on_modified(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self._notice(event.src_path)
-
-    def on_closed(self, event: FileSystemEvent) -> None:
-        if isinstance(event, FileClosedEvent):
-            self._notice(event.src_path, closed=True)
-
-    def on_moved(self, event: FileSystemEvent) -> None:
-        if isinstance(event, FileSystemMovedEvent) and not event.is_directory:
-            # A rename is how copy tools finish: the new name is complete.
-            self._notice(event.dest_path, closed=True)
-
-
-def walk_candidates(state: InboxState) -> Iterator[Path]:
-    for directory, subdirs, files in os.walk(state.root):
-        base = Path(directory)
-        subdirs[:] = sorted(
-            d for d in subdirs if not d.startswith(".") and not any((base / d) == ex for ex in state.excluded)
-        )
-        for name in sorted(files):
-            path = base / name
-            if state.is_candidate(path):
-                yield path
 
 
 class FolderWatcher:
@@ -181,6 +83,7 @@ class FolderWatcher:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
         self.observer: BaseObserver | None = None
+        self.rescans = 0  # completed rescans (see `rescan`)
 
     @staticmethod
     def _excluded(config: InboxConfig) -> tuple[Path, ...]:
@@ -219,7 +122,9 @@ class FolderWatcher:
         requeue_lost(self.settings)
         self.observer = PollingObserver(timeout=self.polling_interval) if self.polling else Observer()
         for state in self.states:
-            self.observer.schedule(_Handler(self.notices, state, self.wake), str(state.root), recursive=True)
+            self.observer.schedule(
+                NoticeHandler(self.notices, state, self.wake), str(state.root), recursive=True
+            )
         self.observer.start()
         # Scan after the observer starts, so a file arriving in between is seen by one or both.
         for state in self.states:
@@ -255,9 +160,7 @@ class FolderWatcher:
                 self.step(now)
                 if now - last_rescan >= self.rescan_seconds:
                     last_rescan = now
-                    for state in self.states:
-                        self.scan(state)
-                        self.reconcile(state)
+                    self.rescan(now)
                 if now - last_heartbeat >= HEARTBEAT_S:
                     last_heartbeat = now
                     self.heartbeat()
@@ -265,6 +168,20 @@ class FolderWatcher:
             self.close()
 
     # -- what one tick does ----------------------------------------------------------------
+    def rescan(self, now: float) -> None:
+        """Look at every file of every inbox, and write the sidecars that done jobs lack.
+
+        What the walk finds is observed in the same call, so once `rescans` counts it, every file
+        present when it began has been looked at: how a test knows that a file left alone was
+        seen and refused, rather than not reached yet.
+        """
+        for state in self.states:
+            self.scan(state)
+        self.step(now)
+        for state in self.states:
+            self.reconcile(state)
+        self.rescans += 1
+
     def scan(self, state: InboxState) -> None:
         for path in walk_candidates(state):
             self.notices.put((state, path, False))
@@ -295,7 +212,7 @@ class FolderWatcher:
             state.seen += 1
             # A file unchanged since long before we saw it (present at start, moved in) counts
             # as settled from its mtime; one being written has a fresh mtime and must wait.
-            entry = state.pending[path] = _Pending(*signature, changed_at=min(now, stat.st_mtime))
+            entry = state.pending[path] = Pending(*signature, changed_at=min(now, stat.st_mtime))
         elif (entry.size, entry.mtime_ns) != signature:
             entry.size, entry.mtime_ns, entry.changed_at = *signature, now
             entry.undecodable = False

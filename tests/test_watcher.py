@@ -23,6 +23,7 @@ from joycap_queue.sidecars import sidecar_path
 from joycap_queue.watchconfig import inbox_config
 from joycap_queue.watcher import FolderWatcher
 from tests.conftest import Service, wait_until
+from tests.hostile_images import write_hostile
 
 SETTLE = 1.0
 
@@ -54,6 +55,25 @@ class RunningWatcher:
         if self.error is not None:
             raise self.error
 
+    def alive(self) -> bool:
+        """True while it watches; what killed it, raised, once it died."""
+        if self.error is not None:
+            raise self.error
+        return self.thread.is_alive()
+
+    def verdict(self, path: Path) -> str:
+        return self.watcher.states[0].verdict(path)
+
+    def wait_for_rescan(self) -> None:
+        """Wait until a rescan that began after this call has completed.
+
+        A completed rescan has observed every file present when it began (`FolderWatcher.rescan`),
+        so a file it left alone was looked at and refused: what a sleep of "long enough" only
+        hopes, and on a slow machine passes even when the watcher is broken.
+        """
+        target = self.watcher.rescans + 2  # the next one may have begun before this call
+        wait_until(lambda: self.alive() and self.watcher.rescans >= target, timeout=30, what="a rescan")
+
 
 @pytest.fixture
 def start_watcher() -> Iterator[Callable[..., RunningWatcher]]:
@@ -66,9 +86,12 @@ def start_watcher() -> Iterator[Callable[..., RunningWatcher]]:
         polling: bool = False,
         incomplete_after: float = 600,
         sidecar_grace: float = 60,
+        max_image_pixels: int | None = None,
         **params: object,
     ) -> RunningWatcher:
         settings = service.settings()
+        if max_image_pixels is not None:
+            settings = settings.model_copy(update={"max_image_pixels": max_image_pixels})
         defaults: dict[str, object] = {"caption_type": "Descriptive", "length": "short", "sidecar": ("txt",)}
         config = inbox_config(inbox, settings, {**defaults, **params})
         watcher = FolderWatcher(
@@ -106,6 +129,9 @@ def sent_messages(database_url: str) -> int:
 
 
 def assert_captioned_once(database_url: str, images: list[Path], *, sidecars: bool = True) -> None:
+    if sidecars:
+        # The worker writes them right after it stores the caption, so a done row comes first.
+        wait_until(lambda: all(sidecar_path(p, ".txt").exists() for p in images), timeout=30, what="sidecars")
     rows = jobs(database_url)
     by_path: dict[str, list[Job]] = {}
     for job in rows:
@@ -140,16 +166,19 @@ def test_only_finished_files_are_taken_and_each_once(
     (inbox / "sub").mkdir(parents=True)
     service = service_for(sqlite_url)
     service.start_worker()
-    start_watcher(service, inbox)
+    running = start_watcher(service, inbox)
 
     source = tmp_path / "source.png"
     source.write_bytes(png_bytes(1))
     shutil.copy(source, inbox / "copied.png")
 
-    (inbox / "renamed.png.part").write_bytes(png_bytes(2))
-    time.sleep(SETTLE * 2)  # long enough to be taken, were it not a temporary name
+    part = inbox / "renamed.png.part"
+    part.write_bytes(png_bytes(2))
+    # Looked at by a whole rescan, and a temporary name: not even settling, let alone taken.
+    running.wait_for_rescan()
+    assert running.verdict(part) == "unseen"
     assert not [job.path for job in jobs(sqlite_url) if job.path.endswith(".part")]
-    os.rename(inbox / "renamed.png.part", inbox / "sub" / "renamed.png")
+    os.rename(part, inbox / "sub" / "renamed.png")
 
     data = png_bytes(3, (400, 300))
     chunks = [data[i : i + len(data) // 6] for i in range(0, len(data), len(data) // 6)]
@@ -166,7 +195,8 @@ def test_only_finished_files_are_taken_and_each_once(
 
     (inbox / "notes.txt").write_text("not an image")
     (inbox / ".hidden.png").write_bytes(png_bytes(5))
-    (inbox / "never-finished.png").write_bytes(png_bytes(6)[:300])
+    never = inbox / "never-finished.png"
+    never.write_bytes(png_bytes(6)[:300])
 
     expected = [
         inbox / "copied.png",
@@ -175,7 +205,11 @@ def test_only_finished_files_are_taken_and_each_once(
         inbox / "appender.png",
     ]
     wait_until(all_done(sqlite_url, 4), timeout=60, what="the four images")
-    time.sleep(SETTLE * 2)  # the never-finished file has settled by now: it must still not be queued
+    # Settled, decoded and refused: it waits for a change (or `incomplete_after`), unqueued.
+    wait_until(lambda: running.verdict(never) not in ("unseen", "settling"), timeout=30, what="a verdict")
+    assert running.verdict(never) == "incomplete"
+    running.wait_for_rescan()  # the hidden file and the text file have been looked at too
+    assert running.verdict(inbox / ".hidden.png") == "unseen"
     assert_captioned_once(sqlite_url, expected)
 
 
@@ -204,7 +238,13 @@ def test_files_present_before_start_and_a_restart_mid_stream(
     wait_until(all_done(sqlite_url, 20), timeout=90, what="20 images")
     second.stop()
     third = start_watcher(service, inbox)  # a restart with nothing new: nothing queued
-    time.sleep(SETTLE * 2)
+    # Every file taken means each went through intake, which found its job done; stopping waits
+    # for that intake to return.
+    wait_until(
+        lambda: third.alive() and all(third.verdict(p) == "taken" for p in early + stream),
+        timeout=30,
+        what="the restarted watcher to look at every file",
+    )
     third.stop()
     assert_captioned_once(sqlite_url, early + stream)
 
@@ -240,17 +280,20 @@ def test_polling_mode(
     inbox.mkdir()
     service = service_for(sqlite_url)
     service.start_worker()
-    start_watcher(service, inbox, polling=True, sidecar=("txt", "json"))
+    handle = start_watcher(service, inbox, polling=True, sidecar=("txt", "json"))
     images = []
     for i in range(3):
         images.append(inbox / f"polled-{i}.png")
         images[-1].write_bytes(png_bytes(300 + i))
-    (inbox / "half.png").write_bytes(png_bytes(399)[:200])
+    half = inbox / "half.png"
+    half.write_bytes(png_bytes(399)[:200])
     wait_until(all_done(sqlite_url, 3), timeout=60, what="polled images")
-    time.sleep(SETTLE * 2)
+    wait_until(lambda: handle.verdict(half) not in ("unseen", "settling"), timeout=30, what="a verdict")
+    assert handle.verdict(half) == "incomplete"
     assert_captioned_once(sqlite_url, images)
     import json
 
+    wait_until(sidecar_path(images[0], ".json").exists, timeout=30, what="the JSON sidecar")
     record = json.loads(sidecar_path(images[0], ".json").read_text())
     assert record["caption"] == sidecar_path(images[0], ".txt").read_bytes().decode("utf-8")
     assert record["prompt"] == "Write a short detailed description for this image."
@@ -309,7 +352,7 @@ def test_a_missing_sidecar_is_written_once_its_job_is_past_the_grace(
     wait_until(sidecar.exists, timeout=10, what="the worker's sidecar")
     # As if the worker had died between storing the caption and writing the file.
     sidecar.unlink()
-    time.sleep(5)  # two rescans: within the grace the worker may still be writing, so leave it
+    handle.wait_for_rescan()  # within the grace the worker may still be writing: left alone
     assert not sidecar.exists()
     handle.watcher.sidecar_grace = 0
     wait_until(sidecar.exists, timeout=10, what="the rescan to write the sidecar")
@@ -375,3 +418,34 @@ def test_watch_command_with_a_config_file_stops_cleanly_on_sigterm(
         assert process.wait(timeout=30) == 0
     assert "watcher stopped" in (tmp_path / "watch.log").read_text()
     assert "watchers:" not in service.cli("status").stdout  # the lock row went with it
+
+
+def test_hostile_files_fail_with_their_reasons_and_the_watcher_goes_on(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    limit = 20_000_000
+    service = service_for(sqlite_url)
+    service.env["JOYCAP_MAX_IMAGE_PIXELS"] = str(limit)
+    service.start_worker()
+    # A header claiming billions of pixels used to count as half-written, then, queued as broken
+    # after `incomplete_after`, to end the watcher with DecompressionBombError.
+    handle = start_watcher(service, inbox, incomplete_after=3, max_image_pixels=limit)
+    must_fail, captioned = write_hostile(inbox)
+    good = inbox / "good.png"
+    good.write_bytes(png_bytes(700))
+    total = len(must_fail) + len(captioned) + 1
+    wait_until(lambda: handle.alive() and all_done(sqlite_url, total)(), timeout=120, what="every file")
+    by_name = {Path(job.path).name: job for job in jobs(sqlite_url)}
+    for name, reason in must_fail.items():
+        job = by_name[name]
+        assert job.status == "failed" and job.error is not None and reason in job.error, (name, job.error)
+        assert "\n" not in job.error
+    for path in [good, *captioned]:
+        assert by_name[path.name].status == "done", (path.name, by_name[path.name].error)
+    (inbox / "after.png").write_bytes(png_bytes(701))  # and it still takes new files
+    wait_until(lambda: handle.alive() and all_done(sqlite_url, total + 1)(), timeout=60, what="a new file")
