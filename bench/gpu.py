@@ -1,16 +1,26 @@
-"""Full-size JoyCaption on one GPU: images/s and output tokens/s, transformers at batch 1 to 128 and
-vLLM (when installed), 256 forced new tokens. `python -m bench gpu`; about 5 minutes on an H100.
+"""Full-size JoyCaption on one GPU: the continuous engine against transformers' generate, side by side.
 
-No download: the architecture is built from JoyCaption's config values with random weights
-(bench/model.py), directly on the GPU for transformers and with ``load_format="dummy"`` for
-vLLM, so the arithmetic, memory traffic and timing are the real model's. The backends are the
-worker's own (`Captioner`, `VllmBackend`) with the same prompts and preprocessing.
+`python -m bench gpu` (one prepared script, about 5 minutes on an H100). No download: the
+architecture is built from JoyCaption's config values with random weights (bench/model.py),
+directly on the GPU, so the arithmetic, memory traffic and timing are the real model's. Every
+arm captions the same images with the same prompt, and each image ends at its own length, drawn
+once from 60-256 new tokens with a fixed seed (a forced end token at that step), as real captions
+vary. The arms, in one run:
+
+- ``--engine generate`` at batch 8 (the call upstream's batch script makes, what its users run);
+- ``--engine generate`` at batch 128;
+- the continuous engine at ``-b auto`` (slots from the KV arithmetic, CUDA graphs);
+- vLLM at 128, when it is installed (it is not on the machines we could measure on).
+
+Images are prepared (resized, tokenized) before each arm's clock starts, as the worker's task
+threads do it beside the model.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import random
 import tempfile
 import time
@@ -21,17 +31,30 @@ from PIL import Image
 
 from bench.common import machine, print_table, record
 from bench.model import build_random_joycaption, build_tokenizer, random_model
-from worker.backends.base import Backend, CaptionInput, GenerationParams
+from worker.backends.base import CaptionInput, GenerationParams
 
 TOKENS = 256
-TRANSFORMERS_BATCHES = (1, 8, 32, 64, 128)
+SHORTEST = 60
+LENGTH_SEED = 20261201
+GENERATE_ARMS = ((8, 16), (128, 128))  # (batch size, images)
+ENGINE_ROUNDS = 3  # images = rounds x slots, so the stream runs well past its ramp-up
 VLLM_IMAGES = 128
+TARGET_IMAGES_PER_S = {"H100": 20.0, "H200": 25.0}
+TARGET_VS_GENERATE = 4.0
+# JOYCAP_BENCH_GPU_DRY_RUN=1: the same script on the CPU with the small model and a few images,
+# so a change to it is tried here before it spends a lent GPU's minutes. Records nothing.
+DRY_RUN = os.environ.get("JOYCAP_BENCH_GPU_DRY_RUN") == "1"
+DEVICE = "cpu" if DRY_RUN else "cuda"
+if DRY_RUN:
+    GENERATE_ARMS = ((2, 4), (4, 4))
+    ENGINE_ROUNDS = 1
 PROMPT = "Write a long detailed description for this image."
 SYSTEM = "You are a helpful assistant and help users with any queries they may have with no censorship or restrictions."
 
 
 def images(count: int, seed: int = 0) -> list[CaptionInput]:
     rng = random.Random(seed)
+    lengths = random.Random(LENGTH_SEED + seed)
     return [
         CaptionInput(
             Image.new(
@@ -41,51 +64,92 @@ def images(count: int, seed: int = 0) -> list[CaptionInput]:
             ),
             PROMPT,
             SYSTEM,
+            forced_length=lengths.randint(SHORTEST, TOKENS),
         )
         for _ in range(count)
     ]
 
 
-def timed(backend: Backend, batch: list[CaptionInput], params: GenerationParams) -> tuple[float, int]:
+def _sync() -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if not DRY_RUN:
+        torch.cuda.synchronize()
+
+
+def timed(service: Any, prepared: list[Any], params: GenerationParams) -> dict[str, Any]:
+    """Seconds for every prepared image through ``service.submit`` (a Batcher or the engine)."""
+    import torch
+
+    _sync()
+    if not DRY_RUN:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    outputs = backend.caption(batch, params)
-    torch.cuda.synchronize()
-    return time.perf_counter() - started, sum(o.output_tokens for o in outputs)
+    outputs = [future.result() for future in [service.submit(item, params) for item in prepared]]
+    _sync()
+    seconds = time.perf_counter() - started
+    if [o.output_tokens for o in outputs] != [item.forced_length for item in prepared]:
+        raise RuntimeError("a caption did not end at its forced length")
+    tokens = sum(o.output_tokens for o in outputs)
+    return {
+        "images": len(prepared),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(prepared) / seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 1),
+        "peak_gib": 0.0 if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    }
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if not DRY_RUN:
+        torch.cuda.empty_cache()
 
 
 def bench_transformers(params: GenerationParams) -> list[dict[str, Any]]:
     import torch
 
+    from worker.batcher import Batcher
     from worker.captioner import Captioner
+    from worker.engine import ContinuousEngine
 
-    captioner = Captioner("random-joycaption-full", device="cuda", dtype="bfloat16")
-    captioner.use_model(random_model("full"), build_tokenizer())
+    captioner = Captioner("random-joycaption-full", device=DEVICE, dtype="bfloat16")
+    if DRY_RUN:
+        captioner.use_model(random_model("small", device="cpu", dtype=torch.float32), build_tokenizer())
+    else:
+        captioner.use_model(random_model("full"), build_tokenizer())
     rows = []
-    timed(captioner, images(2), GenerationParams(greedy=True, max_new_tokens=8))  # warm-up
-    for batch in TRANSFORMERS_BATCHES:
-        rounds = 2 if batch < 32 else 1
-        torch.cuda.reset_peak_memory_stats()
-        seconds, tokens = 0.0, 0
-        for r in range(rounds):
-            s, t = timed(captioner, images(batch, seed=r), params)
-            seconds, tokens = seconds + s, tokens + t
-        count = batch * rounds
-        rows.append(
-            {
-                "backend": "transformers",
-                "batch": batch,
-                "images_per_s": round(count / seconds, 3),
-                "output_tokens_per_s": round(tokens / seconds, 1),
-                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-            }
-        )
-        print(rows[-1], flush=True)
-    del captioner
-    gc.collect()
-    torch.cuda.empty_cache()
+    for batch, count in GENERATE_ARMS:
+        batcher = Batcher(captioner, max_batch_size=batch, wait_ms=0).start()
+        timed(batcher, [captioner.prepare(i) for i in images(2, seed=99)], params)  # warm-up
+        row = {
+            "engine": "generate",
+            "batch": batch,
+            **timed(batcher, [captioner.prepare(i) for i in images(count)], params),
+        }
+        batcher.close()
+        rows.append(row)
+        print(row, flush=True)
+        _free_memory()
+    started = time.monotonic()
+    engine = ContinuousEngine(captioner, slots=4 if DRY_RUN else 0, max_new_tokens=TOKENS).start()
+    warm_up_s = time.monotonic() - started
+    timed(engine, [captioner.prepare(i) for i in images(4, seed=99)], params)
+    prepared = [captioner.prepare(i) for i in images(engine.slots * ENGINE_ROUNDS)]
+    row = {
+        "engine": "continuous",
+        "batch": f"auto ({engine.slots})",
+        **timed(engine, prepared, params),
+        "warm_up_s": round(warm_up_s, 1),
+        "described": engine.describe(),
+    }
+    engine.close()
+    rows.append(row)
+    print(row, flush=True)
+    del engine, captioner
+    _free_memory()
     return rows
 
 
@@ -96,13 +160,18 @@ def bench_vllm(params: GenerationParams, folder: Path) -> list[dict[str, Any]]:
         str(folder), dtype="bfloat16", max_batch_size=VLLM_IMAGES, engine_kwargs={"load_format": "dummy"}
     )
     backend.load()
-    timed(backend, images(4), GenerationParams(greedy=True, max_new_tokens=8))  # warm-up
-    seconds, tokens = timed(backend, images(VLLM_IMAGES), params)
+    backend.caption(images(4), GenerationParams(greedy=True, max_new_tokens=8))  # warm-up
+    batch = images(VLLM_IMAGES)
+    started = time.perf_counter()
+    outputs = backend.caption(batch, params)
+    seconds = time.perf_counter() - started
     row = {
-        "backend": "vllm",
+        "engine": "vllm",
         "batch": VLLM_IMAGES,
+        "images": VLLM_IMAGES,
+        "seconds": round(seconds, 2),
         "images_per_s": round(VLLM_IMAGES / seconds, 3),
-        "output_tokens_per_s": round(tokens / seconds, 1),
+        "output_tokens_per_s": round(sum(o.output_tokens for o in outputs) / seconds, 1),
         "peak_gib": None,
     }
     print(row, flush=True)
@@ -111,38 +180,61 @@ def bench_vllm(params: GenerationParams, folder: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     import torch
+    import transformers
 
-    if not torch.cuda.is_available():
+    if not DRY_RUN and not torch.cuda.is_available():
         raise SystemExit("bench gpu needs a CUDA GPU")
-    card = torch.cuda.get_device_name(0)
-    params = GenerationParams(greedy=True, max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    card = "dry run on the CPU" if DRY_RUN else torch.cuda.get_device_name(0)
+    # Greedy: the vLLM arm and the others draw the same way; lengths are forced per image.
+    params = GenerationParams(greedy=True, max_new_tokens=TOKENS)
     started = time.monotonic()
     rows = bench_transformers(params)
-    if importlib.util.find_spec("vllm") is not None:
+    if importlib.util.find_spec("vllm") is not None and not DRY_RUN:
         with tempfile.TemporaryDirectory(prefix="joycap-bench-gpu-") as tmp:
             rows += bench_vllm(params, build_random_joycaption(Path(tmp) / "full"))
     else:
-        print("vLLM is not installed (pip install 'joycap-queue[vllm]'): its row is left out")
+        print("vLLM is not installed (pip install 'joycap-queue[vllm]'): its row is unmeasured")
     print_table(
-        f"Full-size JoyCaption (random weights), {card}, bf16, {TOKENS} forced new tokens",
-        ["backend", "batch", "images/s", "output tokens/s", "peak GiB"],
+        f"Full-size JoyCaption (random weights), {card}, bf16, lengths {SHORTEST}-{TOKENS} per image",
+        ["engine", "batch", "images", "images/s", "output tokens/s", "peak GiB"],
         [
-            (r["backend"], r["batch"], r["images_per_s"], r["output_tokens_per_s"], r["peak_gib"] or "")
+            (
+                r["engine"],
+                r["batch"],
+                r["images"],
+                r["images_per_s"],
+                r["output_tokens_per_s"],
+                r["peak_gib"] or "",
+            )
             for r in rows
         ],
+    )
+    by_engine = {(r["engine"], r["batch"]): r["images_per_s"] for r in rows}
+    smallest = GENERATE_ARMS[0][0]
+    engine_ips = next(r["images_per_s"] for r in rows if r["engine"] == "continuous")
+    generate_best = max(v for (e, _), v in by_engine.items() if e == "generate")
+    target = next((t for name, t in TARGET_IMAGES_PER_S.items() if name in card), None)
+    print(
+        f"continuous engine: {engine_ips:.2f} images/s (target {target or '?'}), "
+        f"{engine_ips / generate_best:.2f}x the best generate arm (target >= {TARGET_VS_GENERATE}), "
+        f"{engine_ips / by_engine[('generate', smallest)]:.1f}x generate at batch {smallest}"
     )
     figures: dict[str, Any] = {
         "gpu_card": card,
         "gpu_rows": rows,
+        "gpu_engine_images_per_s": engine_ips,
+        "gpu_engine_vs_generate": round(engine_ips / generate_best, 3),
+        "gpu_engine_vs_generate_b8": round(engine_ips / by_engine[("generate", smallest)], 3),
         "gpu_detail": {
-            "new_tokens": TOKENS,
+            "lengths": f"{SHORTEST}-{TOKENS} new tokens per image, seed {LENGTH_SEED}",
             "seconds": round(time.monotonic() - started, 1),
+            "software": f"torch {torch.__version__}, transformers {transformers.__version__}, CUDA {torch.version.cuda}",
+            "vllm": "measured" if importlib.util.find_spec("vllm") else "unmeasured: not installed",
             "machine": machine(),
         },
     }
-    for r in rows:
-        figures[f"gpu_{r['backend']}_b{r['batch']}_images_per_s"] = r["images_per_s"]
-    record(figures)
+    if not DRY_RUN:
+        record(figures)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,20 @@ def test_images_joining_mid_flight_get_the_same_tokens(captioner: Captioner) -> 
     assert engine.steps_run < static_steps
 
 
+def test_the_gpu_arithmetic_on_the_cpu_gives_the_same_tokens(captioner: Captioner) -> None:
+    """What a CUDA graph captures: library attention, every slot's whole length, parked rows."""
+    lengths = [18, 3, 11, 7, 15, 2, 9]
+    items = caption_set(len(lengths), lengths=lengths)
+    params = GenerationParams(greedy=True, max_new_tokens=20)
+    expected = with_generate(captioner, items, params)
+    engine = engine_for(captioner, 3, cpu_fast_path=False, prefill_chunk=300)
+    try:
+        assert [o.caption for o in stream(engine, items, params)] == expected
+    finally:
+        engine.close()
+    assert engine.joined_mid_flight >= 2
+
+
 def test_a_short_caption_resolves_while_a_long_one_runs(captioner: Captioner) -> None:
     long_item, short_item = caption_set(2, lengths=[200, 3])
     params = GenerationParams(greedy=True, max_new_tokens=220)

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,6 +67,7 @@ class ContinuousEngine:
         prefill_chunk: int = 0,
         max_new_tokens: int = 256,
         cuda_graphs: bool = True,
+        cpu_fast_path: bool = True,
     ) -> None:
         self.captioner = captioner
         self.requested_slots = slots
@@ -73,6 +75,9 @@ class ContinuousEngine:
         self.requested_chunk = prefill_chunk
         self.max_new_tokens = max_new_tokens
         self.want_graphs = cuda_graphs
+        # False runs the CPU through what a GPU runs (the library's attention, every slot's whole
+        # length each step), so the tests cover the arithmetic the CUDA graphs capture.
+        self.cpu_fast_path = cpu_fast_path
         self.slots = 0
         self.capacity = 0
         self.prefill_chunk = 0
@@ -119,7 +124,7 @@ class ContinuousEngine:
                 memory_fraction=self.kv_memory_fraction,
             )
             self.prefill_chunk = self.requested_chunk or (512 if self.device.type == "cuda" else 4096)
-            self._language_model = model.get_decoder()
+            self._language_model = _language_model(model)
             self._lm_head = model.get_output_embeddings()
             self._embed = model.get_input_embeddings()
             self._cache = SlotCache(
@@ -471,3 +476,11 @@ class ContinuousEngine:
         log.warning("a caption step failed (%s); restarting %d captions", one_line(exc), len(restart))
         with self._cond:
             self._waiting.extendleft(reversed(restart))
+
+
+def _language_model(model: Any) -> Any:
+    """The LLaVA's text decoder (transformers 5 moved it under ``model.model``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not hasattr(decoder, "layers"):
+        decoder = model.model.language_model
+    return decoder
