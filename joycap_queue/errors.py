@@ -17,3 +17,9 @@ class OptionError(JoycapError, ValueError):
 
 class ServiceUnavailable(JoycapError):
     """Redis or the database cannot be reached."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (the class name if it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

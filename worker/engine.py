@@ -145,7 +145,6 @@ class ContinuousEngine:
                 {"slot_gqa": True} if self.device.type == "cpu" and use_slot_attention(model) else {}
             )
             self._free = list(range(self.slots))
-            self.admit_group = max(1, self.slots // 4)
             # The CPU skips the sampling ops when nobody samples; a CUDA graph runs them always.
             self._all_greedy = False
             self._graphs: DecodeGraphs | None = None
@@ -232,13 +231,9 @@ class ContinuousEngine:
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
-        # Newcomers wait until a few slots are free (a quarter of them, or every waiting image)
-        # and join together: a prefill of one image cost twice a batched one's per image on the
-        # CPU (the vision tower's and each forward's fixed costs), while a slot idle for a few
-        # steps costs a few tokens.
-        group = min(self.admit_group, len(self._waiting))
-        if len(self._free) < group and len(self._active) >= self.slots // 2:
-            return admitted
+        # A free slot is filled at once: waiting for several to free up, so that newcomers share
+        # one prefill, measured no faster (a prefill costs the same per image at 1 or 16 on the
+        # CPU) and left slots idle.
         while self._waiting and self._free:
             sequence = self._waiting.popleft()
             if not sequence.restarts and not sequence.future.set_running_or_notify_cancel():

@@ -30,7 +30,7 @@ from joycap_queue.cli.options import (
 )
 from joycap_queue.cli.output import printable, progress
 from joycap_queue.config import Settings, get_settings, settings_environment
-from joycap_queue.errors import JoycapError
+from joycap_queue.errors import JoycapError, first_line
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
 from joycap_queue.liveness import WorkerHeartbeat
 from joycap_queue.queue import make_celery, ping_broker
@@ -84,6 +84,16 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
         raise click.BadParameter(error["msg"], param_hint=f"'--{field.replace('_', '-')}'") from None
 
 
+engine_option = click.option(
+    "--engine",
+    envvar="JOYCAP_ENGINE",
+    show_envvar=True,
+    type=click.Choice(["continuous", "generate"]),
+    help="transformers backend: continuous (default: one KV cache, a finished caption's slot "
+    "refilled at once, CUDA graphs) or generate (transformers' generate on merged batches).",
+)
+
+
 @click.command()
 @click.option(
     "--backend",
@@ -94,14 +104,7 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
     "to an OpenAI-compatible server at --openai-url); null (no model: a fixed caption, for measuring "
     "the queue itself).",
 )
-@click.option(
-    "--engine",
-    envvar="JOYCAP_ENGINE",
-    show_envvar=True,
-    type=click.Choice(["continuous", "generate"]),
-    help="transformers backend: continuous (default: one KV cache, a finished caption's slot "
-    "refilled at once, CUDA graphs) or generate (transformers' generate on merged batches).",
-)
+@engine_option
 @click.option(
     "--batch-size",
     "-b",
@@ -277,9 +280,11 @@ def _run_celery_worker(app: Any, settings: Settings, hostname: str | None, logle
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Images per generate call.",
+    help="Images read and captioned together: per generate call with --engine generate; the "
+    "continuous engine keeps at least its slots' worth in flight.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@engine_option
 @caption_options
 @generation_options
 @model_options
@@ -292,13 +297,16 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
       joycap-queue caption photo.jpg
       joycap-queue caption photos/ -b 8 -t Straightforward --json > captions.jsonl
     """
-    settings = build_settings(params)
+    settings = with_worker_options(build_settings(params), params)
     request = build_request(settings, params)
     tiny_model_notice(settings.model)
     from joycap_queue.prompts import system_prompt
     from worker.captioner import CaptionInput, GenerationParams
 
     captioner = load_captioner(settings)
+    caption_batch = _batch_captioner(settings, captioner)
+    if settings.uses_engine:
+        batch_size = max(batch_size, settings.batch_size or 16)
     gen = GenerationParams(**request.gen_params)
     files = [found.path for found in discover(images) if found.is_image]
     failures = 0
@@ -318,7 +326,7 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
                     CaptionInput(image=image, prompt=prompt, system_prompt=system_prompt(request.profile))
                 )
                 names.append(path)
-            for path, item, output in zip(names, inputs, captioner.caption(inputs, gen), strict=True):
+            for path, item, output in zip(names, inputs, caption_batch(inputs, gen), strict=True):
                 text = request.prepend + output.caption + request.append
                 if as_json:
                     record = {"path": str(path), "prompt": item.prompt, "caption": text}
@@ -328,6 +336,29 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
             bar.update(len(files[start : start + batch_size]))
     if failures:
         raise JoycapError(f"{failures} of {len(files)} images could not be read")
+
+
+def _batch_captioner(settings: Settings, captioner: Any) -> Any:
+    """``caption(inputs, params)`` through the worker's own path; a failure is one line."""
+    stream = None
+    if settings.uses_engine:
+        from worker.runtime import get_batcher
+
+        try:
+            stream = get_batcher(settings)
+        except MemoryError as exc:
+            raise JoycapError(str(exc)) from None
+
+    def caption_batch(inputs: list[Any], params: Any) -> list[Any]:
+        try:
+            if stream is None:
+                return list(captioner.caption(inputs, params))
+            futures = [stream.submit(captioner.prepare(item), params) for item in inputs]
+            return [future.result() for future in futures]
+        except Exception as exc:  # noqa: BLE001 - the model failed: say so, no traceback
+            raise JoycapError(f"captioning failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+    return caption_batch
 
 
 @click.group()
