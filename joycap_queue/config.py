@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -167,15 +167,38 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'joycap.db'}"
 
 
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """The settings as JOYCAP_* variables, to hand to a child process (secrets included, by design:
-    the environment is how a worker or Flower receives them without them showing in `ps`)."""
+ChildRole = Literal["worker", "flower"]
+
+
+def _withheld(settings: Settings, role: ChildRole) -> set[str]:
+    """The settings a child in this role has no use for, secrets above all."""
+    # Flower's password reaches Flower as FLOWER_BASIC_AUTH (deploy.flower_environment), never
+    # as a setting, and no worker needs it.
+    names = {"flower_user", "flower_password"}
+    if role == "flower":
+        # Flower talks to Redis only; a database URL may carry a password.
+        names |= {"openai_api_key", "database_url"}
+    elif settings.backend != "openai":
+        names.add("openai_api_key")
+    return names
+
+
+def settings_environment(settings: Settings, role: ChildRole = "worker") -> dict[str, str]:
+    """The settings as JOYCAP_* variables, to hand to a child process in ``role``.
+
+    Secrets travel by environment, where they do not show in `ps`, and only to the child that
+    needs them: the OpenAI key to a worker whose backend is openai, Flower's password to no one
+    (see `_withheld`). A withheld setting is set empty rather than left out: callers lay this over
+    their own environment, which may hold the same variable from the user's shell.
+    """
+    withheld = _withheld(settings, role)
     environment = {}
     for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        environment[f"JOYCAP_{name.upper()}"] = text
+        key = f"JOYCAP_{name.upper()}"
+        if name in withheld:
+            environment[key] = ""
+        elif value is not None:
+            environment[key] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     return environment
 
 
@@ -193,14 +216,31 @@ def settings_with(**overrides: object) -> Settings:
     return Settings(**given)  # type: ignore[arg-type]
 
 
+# Query parameters whose value is a secret (libpq's ?password=, redis-py's ?password=, tokens and
+# keys of HTTP APIs), matched as parts of the lower-cased name.
+SECRET_QUERY_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "signature")
+
+
+def _mask_query(query: str) -> str:
+    pairs = []
+    for pair in query.split("&"):
+        name, sep, _value = pair.partition("=")
+        if sep and any(word in unquote(name).lower() for word in SECRET_QUERY_WORDS):
+            pair = f"{name}=***"
+        pairs.append(pair)
+    return "&".join(pairs)
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe to print or log."""
+    """The URL with any password (in its userinfo or its query) replaced by ``***``, safe to show."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    if parts.query:
+        parts = parts._replace(query=_mask_query(parts.query))
     if "@" not in parts.netloc:
-        return url
+        return urlunsplit(parts) if parts.query else url
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user, sep, _password = userinfo.partition(":")
     if sep:

@@ -1,5 +1,5 @@
 """Hostile inputs to a real worker: paths outside the allowed roots, pickled messages, and a
-broker that lost its messages while no worker ran."""
+broker that lost its messages while no worker ran; secrets kept from children and from output."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import redis
 from PIL import Image
 from sqlalchemy import update
 from sqlmodel import Session
 
 from joycap_queue import db
+from joycap_queue.config import Settings, mask_url, settings_environment
 from joycap_queue.models import Job, utcnow
 from joycap_queue.queue import CAPTION_TASK, make_celery, send_caption_jobs
 from tests.conftest import Service, wait_until
+from tests.test_gpus import children_of, environ_of
 from tests.test_pipeline import all_finished, jobs_in
 
 
@@ -102,3 +105,70 @@ def test_worker_start_requeues_what_redis_lost(
     service.start_worker()
     wait_until(all_finished(sqlite_url, 3), timeout=120, what="requeued jobs")
     assert {job.status for job in jobs_in(sqlite_url)} == {"done"}
+
+
+FLOWER_SECRET, OPENAI_SECRET, QUERY_SECRET = "flower-pw-9f3a", "sk-openai-77c1", "pg-pw-5d20"
+
+
+def test_a_worker_hands_its_children_no_secret_they_do_not_need(
+    sqlite_url: str, service_for: Callable[[str], Service]
+) -> None:
+    service = service_for(sqlite_url)
+    # From the user's shell: a worker process inherits them, but a worker needs neither Flower's
+    # password nor, with the transformers backend, the OpenAI key; its children must not get them.
+    service.env.update(JOYCAP_FLOWER_USER="me", JOYCAP_FLOWER_PASSWORD=FLOWER_SECRET)
+    service.env["JOYCAP_OPENAI_API_KEY"] = OPENAI_SECRET
+    parent = service.start_worker("--gpus", "0", "-b", "1", "-c", "1", name="w")
+    [child] = children_of(parent.process.pid)
+    environment = environ_of(child)
+    assert environment["JOYCAP_QUEUE"] == service.env["JOYCAP_QUEUE"]  # what it needs, it has
+    assert environment["JOYCAP_DATABASE_URL"] == sqlite_url
+    raw = Path(f"/proc/{child}/environ").read_bytes()
+    assert FLOWER_SECRET.encode() not in raw and OPENAI_SECRET.encode() not in raw
+
+
+def test_each_child_role_gets_only_its_own_secrets() -> None:
+    settings = Settings(
+        database_url=f"postgresql+psycopg://joycap:{QUERY_SECRET}@db/joycap",
+        flower_user="me",
+        flower_password=FLOWER_SECRET,
+        openai_api_key=OPENAI_SECRET,
+    )
+    worker = settings_environment(settings)
+    assert FLOWER_SECRET not in worker.values() and OPENAI_SECRET not in worker.values()
+    # Empty, not absent: a child's environment is the parent's with these laid over it.
+    assert worker["JOYCAP_FLOWER_PASSWORD"] == worker["JOYCAP_OPENAI_API_KEY"] == ""
+    assert worker["JOYCAP_DATABASE_URL"] == settings.database_url
+    remote = settings_environment(settings.model_copy(update={"backend": "openai"}))
+    assert remote["JOYCAP_OPENAI_API_KEY"] == OPENAI_SECRET and FLOWER_SECRET not in remote.values()
+    flower = settings_environment(settings, "flower")
+    assert flower["JOYCAP_BROKER_URL"] == settings.broker_url
+    assert not any(
+        secret in value
+        for value in flower.values()
+        for secret in (FLOWER_SECRET, OPENAI_SECRET, QUERY_SECRET)
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        (
+            f"postgresql+psycopg://joycap@db:5432/joycap?password={QUERY_SECRET}&sslmode=require",
+            "postgresql+psycopg://joycap@db:5432/joycap?password=***&sslmode=require",
+        ),
+        (f"redis://cache:6379/0?password={QUERY_SECRET}", "redis://cache:6379/0?password=***"),
+        (
+            f"https://api.example/v1?model=x&api_key={QUERY_SECRET}",
+            "https://api.example/v1?model=x&api_key=***",
+        ),
+        (
+            f"postgresql://u:{QUERY_SECRET}@db/x?sslpassword={QUERY_SECRET}&options=-csearch_path%3Ds",
+            "postgresql://u:***@db/x?sslpassword=***&options=-csearch_path%3Ds",
+        ),
+        (f"redis://db/0?Pass%77ord={QUERY_SECRET}", "redis://db/0?Pass%77ord=***"),
+        ("postgresql://db/x?sslmode=require", "postgresql://db/x?sslmode=require"),
+    ],
+)
+def test_mask_url_hides_secrets_in_query_strings(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
