@@ -26,7 +26,7 @@ def test_worker_retries_its_writes_while_postgres_is_away(
     service = service_for(through_proxy)
     # The two jobs wait 4 s for batchmates, so their captions are ready while the database is gone.
     service.env["JOYCAP_BATCH_WAIT_MS"] = "4000"
-    worker = service.start_worker("-b", "8")
+    worker = service.start_worker("--engine", "generate", "-b", "8")
     service.cli("submit", str(tmp_path / "in"))
     wait_until(
         lambda: [job.status for job in jobs_in(postgres_url)] == ["running"] * 2,

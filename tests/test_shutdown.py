@@ -31,7 +31,7 @@ def test_jobs_past_the_grace_go_back_to_the_queue_uncounted(
     service = service_for(sqlite_url)
     # Batches of 8 that wait a minute to fill: three jobs sit in the batcher, uncaptioned.
     service.env["JOYCAP_BATCH_WAIT_MS"] = "60000"
-    slow = service.start_worker("-b", "8", "--shutdown-grace", "1", name="slow")
+    slow = service.start_worker("--engine", "generate", "-b", "8", "--shutdown-grace", "1", name="slow")
     service.cli("submit", str(tmp_path / "in"))
     wait_until(running(sqlite_url, 3), timeout=60, what="three jobs in flight")
     terminate(slow, within=30)
@@ -55,7 +55,7 @@ def test_jobs_within_the_grace_finish_before_the_worker_exits(
     image_factory(tmp_path / "in", 2)
     service = service_for(sqlite_url)
     service.env["JOYCAP_BATCH_WAIT_MS"] = "3000"
-    worker = service.start_worker("-b", "8", "--shutdown-grace", "60")
+    worker = service.start_worker("--engine", "generate", "-b", "8", "--shutdown-grace", "60")
     service.cli("submit", str(tmp_path / "in"))
     wait_until(running(sqlite_url, 2), timeout=60, what="two jobs in flight")
     terminate(worker, within=40)

@@ -14,13 +14,18 @@ same way and also lowers the batch size for good, to the largest size that ran.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from worker.backends.base import Backend, CaptionInput, CaptionOutput, GenerationParams
 
@@ -41,6 +46,66 @@ class CaptionService(Protocol):
 
 class HandedBack(Exception):
     """The worker is stopping: this image was not captioned and its job goes back to the queue."""
+
+
+class CaptionTimedOut(SoftTimeLimitExceeded):
+    """A caption did not come back within the task time limit, which Celery's threads pool never
+    enforces (it drops time limits); the job fails with that reason, as a Celery time limit would."""
+
+
+# A model call this long past the time limit means a hung GPU or a runaway generation; exiting
+# is the only way to stop it (a CUDA call cannot be interrupted), and the heartbeat's silence
+# then hands this worker's jobs to the others. The grace lets the task threads record their
+# own timeouts first.
+OVERRUN_GRACE_S = 5.0
+EXIT_OVERRUN = 70
+
+
+class CallWatchdog:
+    """Ends the process when one model call outlives the time limit; off until ``arm``."""
+
+    def __init__(self) -> None:
+        self.limit_s: float | None = None
+        self._since: float | None = None
+        self._what = ""
+        self._thread: threading.Thread | None = None
+
+    def arm(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="joycap-watchdog", daemon=True)
+            self._thread.start()
+
+    @contextmanager
+    def call(self, what: str) -> Iterator[None]:
+        self._since, self._what = time.monotonic(), what
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            since, limit = self._since, self.limit_s
+            if since is not None and limit is not None and time.monotonic() - since > limit + OVERRUN_GRACE_S:
+                log.critical(
+                    "%s has run %.0f s, past the %.0f s time limit: exiting so this worker's jobs go to others",
+                    self._what,
+                    time.monotonic() - since,
+                    limit,
+                )
+                logging.shutdown()
+                os._exit(EXIT_OVERRUN)
+
+
+def wait_for_caption(future: Future[CaptionOutput], limit_s: float | None) -> CaptionOutput:
+    """The caption, or CaptionTimedOut once ``limit_s`` has passed (the Future is then failed)."""
+    try:
+        return future.result(timeout=limit_s)
+    except FutureTimeout:
+        settle(future, error=CaptionTimedOut(f"timed out after {limit_s:.0f} s"))
+        raise CaptionTimedOut(f"timed out after {limit_s:.0f} s") from None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -75,6 +140,8 @@ class Batcher:
         self._closed = False
         self._running: Sequence[_Request] = ()
         self._thread: threading.Thread | None = None
+        self.time_limit_s: float | None = None
+        self.watchdog = CallWatchdog()
 
     @property
     def model_id(self) -> str:
@@ -82,6 +149,11 @@ class Batcher:
 
     def describe(self) -> str:
         return f"{self.backend.describe()}, batches of up to {self.max_batch_size}"
+
+    def enforce_time_limit(self, limit_s: float) -> None:
+        """A caption not back within ``limit_s`` fails; a generate call far past it ends the process."""
+        self.time_limit_s = limit_s
+        self.watchdog.arm(limit_s)
 
     def start(self) -> Batcher:
         """Start the generate thread (idempotent); requests queued before it wait for it."""
@@ -120,7 +192,8 @@ class Batcher:
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:
         """Prepare the image on this thread, then wait for its caption from a shared batch."""
         if not self.backend.batches:
-            [output] = self.backend.generate([self.backend.prepare(item)], params)
+            with self.watchdog.call(f"a {self.backend.name} request"):
+                [output] = self.backend.generate([self.backend.prepare(item)], params)
             return output
         with self._cond:
             self._preparing += 1
@@ -140,7 +213,7 @@ class Batcher:
         if request is None or not queued:
             raise RuntimeError("the batcher is closed")
         self.start()
-        return request.future.result()
+        return wait_for_caption(request.future, self.time_limit_s)
 
     def submit(self, prepared: Any, params: GenerationParams) -> Future[CaptionOutput]:
         """Queue an item the backend has prepared; its Future holds the caption or the exception."""
@@ -186,7 +259,8 @@ class Batcher:
         started = time.monotonic()
         failure: Exception | None = None
         try:
-            outputs = self.backend.generate([r.prepared for r in batch], batch[0].params)
+            with self.watchdog.call(f"a generate call of {len(batch)} images"):
+                outputs = self.backend.generate([r.prepared for r in batch], batch[0].params)
         except Exception as exc:  # noqa: BLE001 - every failure is handed to its requests
             failure = without_frames(exc)
         if failure is not None:

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 
 from worker.backends.base import CaptionInput, CaptionOutput, GenerationParams
-from worker.batcher import HandedBack, is_out_of_memory, one_line, settle, without_frames
+from worker.batcher import (
+    CallWatchdog,
+    HandedBack,
+    is_out_of_memory,
+    one_line,
+    settle,
+    wait_for_caption,
+    without_frames,
+)
 from worker.captioner import Captioner, PreparedImage
 from worker.decode_graphs import DecodeGraphs, decode_buckets
 from worker.engine_memory import plan_capacity, plan_slots
@@ -93,6 +101,8 @@ class ContinuousEngine:
         self._thread: threading.Thread | None = None
         self._ready = False
         self._ready_lock = threading.Lock()
+        self.time_limit_s: float | None = None
+        self.watchdog = CallWatchdog()
 
     @property
     def model_id(self) -> str:
@@ -168,6 +178,11 @@ class ContinuousEngine:
             f", {self._graphs.describe()}" if self._ready and self._graphs else ""
         )
 
+    def enforce_time_limit(self, limit_s: float) -> None:
+        """A caption not back within ``limit_s`` fails; a model call far past it ends the process."""
+        self.time_limit_s = limit_s
+        self.watchdog.arm(limit_s)
+
     # The caller's side: task threads, any number at once.
 
     def start(self) -> ContinuousEngine:
@@ -180,7 +195,7 @@ class ContinuousEngine:
 
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:
         """Prepare the image on this thread, then wait for its caption from the stream."""
-        return self.submit(self.captioner.prepare(item), params).result()
+        return wait_for_caption(self.submit(self.captioner.prepare(item), params), self.time_limit_s)
 
     def submit(self, prepared: PreparedImage, params: GenerationParams) -> Future[CaptionOutput]:
         seed = params.seed if params.seed is not None else secrets.randbits(31)
@@ -220,17 +235,24 @@ class ContinuousEngine:
                     if self._closed:
                         return
                     self._cond.wait()
-                admitted = self._admit()
+                admitted, alone = self._admit()
             try:
+                for sequence in alone:
+                    with self.watchdog.call("a generate call for a caption longer than a slot"):
+                        self._caption_alone(sequence)
                 if admitted:
-                    self._prefill(admitted)
+                    with self.watchdog.call(f"a prefill of {len(admitted)} images"):
+                        self._prefill(admitted)
                 if self._active:
-                    self._step()
+                    with self.watchdog.call(f"a decode step of {len(self._active)} captions"):
+                        self._step()
             except Exception as exc:  # noqa: BLE001 - every failure is handed to its captions
                 self._recover(without_frames(exc))
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> tuple[list[_Sequence], list[_Sequence]]:
+        """Waiting images into free slots; and those too long for any slot, to caption alone."""
         admitted: list[_Sequence] = []
+        alone: list[_Sequence] = []
         # A free slot is filled at once: waiting for several to free up, so that newcomers share
         # one prefill, measured no faster (a prefill costs the same per image at 1 or 16 on the
         # CPU) and left slots idle.
@@ -239,7 +261,7 @@ class ContinuousEngine:
             if not sequence.restarts and not sequence.future.set_running_or_notify_cancel():
                 continue
             if len(sequence.prepared.ids) + sequence.params.max_new_tokens > self.capacity:
-                self._caption_alone(sequence)
+                alone.append(sequence)
                 continue
             sequence.slot = heapq.heappop(self._free)
             sequence.tokens = []
@@ -248,7 +270,7 @@ class ContinuousEngine:
         self.most_in_flight = max(self.most_in_flight, len(self._active))
         if admitted and len(self._active) > len(admitted):
             self.joined_mid_flight += len(admitted)
-        return admitted
+        return admitted, alone
 
     def _caption_alone(self, sequence: _Sequence) -> None:
         # A prompt plus max_new_tokens longer than a slot: rare (a huge custom prompt, thousands
@@ -421,7 +443,9 @@ class ContinuousEngine:
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         sequence.tokens.append(token)
-        if token in self._stop_set or len(sequence.tokens) >= sequence.params.max_new_tokens:
+        if sequence.future.done():  # timed out or handed back: nobody waits for the rest
+            self._release(sequence)
+        elif token in self._stop_set or len(sequence.tokens) >= sequence.params.max_new_tokens:
             self._finish(sequence)
 
     def _finish(self, sequence: _Sequence) -> None:

@@ -226,6 +226,9 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
         stream = get_batcher(settings)
     except MemoryError as exc:  # the engine's cache does not fit: a setting to change, no traceback
         raise JoycapError(str(exc)) from None
+    # Celery's threads pool enforces no time limit: the stream does (a caption late by the limit
+    # fails; a model call far past it ends the process, and the others take its jobs).
+    stream.enforce_time_limit(settings.task_time_limit_s)
     # -b auto is resolved now, by the engine's memory arithmetic: size the thread pool from it.
     settings = settings.model_copy(update={"batch_size": stream.max_batch_size})
     install_shutdown_grace(settings.shutdown_grace_s)
