@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col
 
 from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import Discovered, ImageError, discover, file_error_reason, hash_file, probe_image
-from joycap_queue.models import JobStatus, Submission, utcnow
+from joycap_queue.models import Job, JobStatus, Submission, utcnow
 from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
 from joycap_queue.request import CaptionRequest, dedup_key
 from joycap_queue.sidecars import OutputOptions, finish_failed
@@ -219,6 +220,7 @@ def _flush(
             summary.already_queued += 1
     if to_reset:
         db.reset_jobs(session, to_reset, submission_id=summary.submission_id)
+        _clear_run_alone(session, to_reset)
         summary.queued += len(to_reset)
         summary.job_ids.extend(to_reset)
     session.commit()
@@ -226,6 +228,15 @@ def _flush(
     # Rows are committed first: if sending fails now, the jobs are still in the database as
     # queued, and nothing a worker could receive is missing its row.
     send_caption_jobs(app, [*inserted_ids(inserted, unique), *to_reset], queue=settings.queue)
+
+
+def _clear_run_alone(session: Session, job_ids: list[int]) -> None:
+    """A job queued again by --force (or after a cancel) starts over: its run-alone mark from an
+    earlier crash (worker/gate.py) would serialise its worker and blame it for any death."""
+    for start in range(0, len(job_ids), INSERT_BATCH):
+        session.execute(
+            update(Job).where(col(Job.id).in_(job_ids[start : start + INSERT_BATCH])).values(isolation=0)
+        )
 
 
 def _finish_rejected(session: Session, unique: dict[str, _Pending], inserted: dict[str, int]) -> None:

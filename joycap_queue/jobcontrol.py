@@ -40,6 +40,9 @@ REQUEUED = {
     "worker": None,
     "started_at": None,
     "finished_at": None,
+    # A run-alone mark (worker/gate.py) blames the crashes of earlier attempts; a retry is a new
+    # start, and a job kept alone would run one at a time and be blamed for any death meanwhile.
+    "isolation": 0,
 }
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import redis
 from PIL import Image
-from sqlmodel import Session, select
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
 from joycap_queue import db
 from joycap_queue.config import DEFAULT_MODEL, Settings
-from joycap_queue.models import Job
+from joycap_queue.models import Job, utcnow
 from joycap_queue.queue import make_celery, send_caption_jobs
 from tests.conftest import Service, wait_until
 
@@ -174,3 +175,40 @@ def test_forget_asks_then_deletes_a_submission(
     assert unknown.returncode == 1 and "no submission 99" in unknown.stderr
     # Forgotten images are new again.
     assert "queued 3" in service.cli("submit", str(tmp_path / "a")).stdout
+
+
+def test_retry_and_force_clear_a_run_alone_mark_left_by_crashes(
+    database_url: str,
+    service_for: Callable[[str], Service],
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "crashed"
+    flat_images(folder, 3, seed=6)
+    service = service_for(database_url)
+    service.cli("submit", str(folder))
+    engine = db.get_engine(database_url)
+
+    def crashed(status: str) -> None:
+        # As the heartbeat leaves jobs whose worker died with them: marked to run alone (1), or
+        # caught running alone (2) and given up on after the last death.
+        with Session(engine) as session:
+            session.execute(update(Job).values(status=status, isolation=2, attempts=4, finished_at=utcnow()))
+            session.execute(update(Job).where(col(Job.id) == 1).values(isolation=1))
+            session.commit()
+
+    def marks() -> list[tuple[str, int, int]]:
+        return [(job.status, job.isolation, job.attempts) for job in jobs_in(database_url)]
+
+    crashed("failed")
+    assert "queued 3 jobs again" in service.cli("retry").stdout
+    assert marks() == [("queued", 0, 0)] * 3
+    crashed("failed")
+    assert "queued 3 jobs again with the new options" in service.cli("retry", "-l", "20").stdout
+    assert marks() == [("queued", 0, 0)] * 3
+    crashed("done")
+    assert "queued 3" in service.cli("submit", str(folder), "-l", "20", "--force").stdout
+    assert marks() == [("queued", 0, 0)] * 3
+    # Nothing keeps them apart now: one worker takes them together, each on one attempt.
+    service.start_worker()
+    wait_until(lambda: {s for s, _, _ in marks()} == {"done"}, timeout=120, what="the three jobs")
+    assert marks() == [("done", 0, 1)] * 3
