@@ -33,7 +33,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     service = service_for(sqlite_url)
     service.env["JOYCAP_WORKER_HEARTBEAT_S"] = HEARTBEAT
     service.env["JOYCAP_BATCH_WAIT_MS"] = "60000"  # the four jobs wait in one batch
-    doomed = service.start_worker("-b", "8", name="doomed")
+    doomed = service.start_worker("--engine", "generate", "-b", "8", name="doomed")
     service.cli("submit", str(tmp_path / "in"))
     wait_until(
         lambda: [job.status for job in jobs_in(sqlite_url)] == ["running"] * 4, timeout=60, what="a batch"
@@ -60,21 +60,26 @@ def test_an_image_that_kills_its_worker_every_time_fails_after_max_attempts(
     tmp_path: Path,
 ) -> None:
     image_factory(tmp_path / "in", 6)
-    Image.new("RGB", (64, 48), "purple").save(tmp_path / "in" / "poison.png")
+    poison_path = tmp_path / "in" / "poison.png"
+    Image.new("RGB", (64, 48), "purple").save(poison_path)
     service = service_for(sqlite_url)
     service.env["JOYCAP_WORKER_HEARTBEAT_S"] = HEARTBEAT
-    # A job waits a second for batchmates: long enough for this test to see it start.
-    service.env["JOYCAP_BATCH_WAIT_MS"] = "1000"
-    workers = {name: service.start_worker(name=name) for name in ("a", "b")}
     service.cli("submit", str(tmp_path / "in"))
+    # The image, once submitted, becomes a FIFO with no writer: a worker that claims it blocks
+    # reading it, as a poison image is still being worked on when it kills its worker. The test
+    # used to race a real 1-second caption, and lost whenever the caption ended before its poll
+    # came round (the submit's own exit was slower than the workers' first batch).
+    poison_path.unlink()
+    os.mkfifo(poison_path)
+    workers = {name: service.start_worker(name=name) for name in ("a", "b")}
 
     # The test plays the image that crashes the process: whichever worker claims it is killed
-    # with SIGKILL right away, and comes back under the same name (started in the background,
-    # so the other worker's rescue and next claim are watched meanwhile).
+    # with SIGKILL, and comes back under the same name (started in the background, so the other
+    # worker's rescue and next claim are watched meanwhile).
     kills = 0
     seen: set[tuple[str, object]] = set()
     restarting: dict[str, Future[Worker]] = {}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a bound, not a wait: the loop ends when the job fails
     with ThreadPoolExecutor(max_workers=2) as pool:
         while time.monotonic() < deadline:
             for name, future in list(restarting.items()):
