@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     top_k: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     greedy: bool = False
+    seed: int | None = Field(default=None, ge=0)
 
     # Jobs in flight per worker process; 0 means twice the batch size, so one batch is decoded and
     # prepared on the task threads while the previous one is on the GPU.

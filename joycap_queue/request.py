@@ -87,6 +87,9 @@ def generation_params(settings: Settings) -> dict[str, Any]:
     }
     if not settings.greedy:
         params.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        if settings.seed is not None:
+            # Only when set: rows and dedup keys written without one still match.
+            params["seed"] = settings.seed
     return params
 
 

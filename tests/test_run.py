@@ -79,3 +79,22 @@ def test_demo_starts_its_own_redis_when_none_is_reachable(tmp_path: Path, tiny_m
         assert name in result.stdout
     assert "done 6, failed 0" in result.stdout
     assert "random text" in result.stderr
+
+
+def test_a_seeded_sample_repeats_and_the_engines_agree_when_greedy(
+    sqlite_url: str, service_for: Callable[[str], Service], tmp_path: Path
+) -> None:
+    images = tmp_path / "in"
+    images.mkdir()
+    for i, colour in enumerate(("teal", "maroon", "gold")):
+        Image.new("RGB", (60 + i * 20, 50), colour).save(images / f"{i}.png")
+    service = service_for(sqlite_url)
+
+    def captions(*args: str) -> list[str]:
+        result = service.cli("caption", str(images), "--json", "--max-new-tokens", "24", *args)
+        return [json.loads(line)["caption"] for line in result.stdout.splitlines()]
+
+    seeded = captions("--sample", "--seed", "7")
+    assert captions("--sample", "--seed", "7", "-b", "3") == seeded
+    assert captions("--sample", "--seed", "8") != seeded
+    assert captions("--greedy") == captions("--greedy", "--engine", "generate")

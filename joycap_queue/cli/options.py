@@ -17,7 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONNECTION_SETTINGS = ("broker_url", "database_url")
 MODEL_SETTINGS = ("model", "profile", "device", "dtype", "torch_threads")
-GENERATION_SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "greedy")
+GENERATION_SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "greedy", "seed")
 
 
 def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
@@ -175,6 +175,13 @@ def generation_options(func: F) -> F:
                 default=None,
                 envvar="JOYCAP_GREEDY",
                 help="Greedy decoding [default: sample].",
+            ),
+            click.option(
+                "--seed",
+                type=click.IntRange(min=0),
+                envvar="JOYCAP_SEED",
+                help="Sample repeatably: the same image and seed give the same caption, whatever else "
+                "is in flight (continuous engine) [default: a fresh draw per caption].",
             ),
         ],
     )
