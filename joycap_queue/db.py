@@ -10,16 +10,18 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import case, delete, event, func, inspect, or_, update
+from sqlalchemy import Table, bindparam, case, delete, event, func, inspect, or_, update
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     IntegrityError,
@@ -77,6 +79,7 @@ def dispose_engines() -> None:
     with _engines_lock:
         for engine in _engines.values():
             engine.dispose()
+            _write_locks.pop(engine, None)
         _engines.clear()
 
 
@@ -90,7 +93,12 @@ def _make_engine(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            # A worker's task threads each hold a connection for a moment: with fewer pooled than
+            # threads, the overflow is opened (and its pragmas run) and closed again on every job.
+            engine = create_engine(
+                url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=32, max_overflow=32
+            )
+            _write_locks[engine] = threading.Lock()
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
@@ -123,7 +131,10 @@ def _create_schema(engine: Engine, *, attempts: int = 5) -> None:
 
 
 # Columns added after the first release, with the DDL that adds them to an older database.
-ADDED_COLUMNS = {("job", "isolation"): "ALTER TABLE job ADD COLUMN isolation INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {
+    ("job", "isolation"): "ALTER TABLE job ADD COLUMN isolation INTEGER NOT NULL DEFAULT 0",
+    ("job", "claim_id"): "ALTER TABLE job ADD COLUMN claim_id VARCHAR(64)",
+}
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -134,7 +145,27 @@ def _add_missing_columns(engine: Engine) -> None:
                 conn.execute(sql_text(ddl))
 
 
-def _transient(exc: BaseException) -> bool:
+_write_locks: dict[Engine, threading.Lock] = {}
+
+
+@contextmanager
+def _writing(engine: Engine) -> Iterator[Connection]:
+    """One write transaction; on SQLite, one at a time in this process.
+
+    SQLite has one writer at a time. Threads that meet its lock wait in its busy handler, which
+    sleeps 1 ms, then 2, 5, 10 ... before looking again; queueing on a lock here instead hands
+    the file over the moment it is free. Other processes still meet the busy handler.
+    """
+    lock = _write_locks.get(engine)
+    if lock is None:
+        with engine.begin() as conn:
+            yield conn
+        return
+    with lock, engine.begin() as conn:
+        yield conn
+
+
+def is_transient(exc: BaseException) -> bool:
     # Lost connections, a database starting up, SQLite still busy after its busy_timeout; a value
     # refused (DataError, IntegrityError) is not: retrying cannot change the answer.
     return isinstance(exc, OperationalError | InterfaceError)
@@ -153,7 +184,7 @@ def retrying(budget_s: float, *, what: str) -> Retrying:
         log.warning("database write failed (%s): %s; retrying", what, mask_url(reason))
 
     return Retrying(
-        retry=retry_if_exception(_transient),
+        retry=retry_if_exception(is_transient),
         stop=stop_after_delay(budget_s),
         wait=wait_exponential_jitter(initial=0.2, max=10.0),
         before_sleep=log_retry,
@@ -168,6 +199,8 @@ class Claim:
     job: JobPublic | None
     reason: str = ""
     gave_up: bool = False
+    # Marked to run alone (liveness): claim it again with ``alone=True`` once alone.
+    run_alone: bool = False
 
 
 def create_submission(session: Session, *, source: Sequence[str], options: str, model: str) -> Submission:
@@ -234,6 +267,7 @@ def reset_jobs(session: Session, job_ids: Sequence[int], *, submission_id: int |
                 prompt_tokens=None,
                 output_tokens=None,
                 worker=None,
+                claim_id=None,
                 started_at=None,
                 finished_at=None,
                 queued_at=utcnow(),
@@ -242,95 +276,176 @@ def reset_jobs(session: Session, job_ids: Sequence[int], *, submission_id: int |
         )
 
 
-def job_isolation(engine: Engine, job_id: int) -> int:
-    """Whether a job must run alone (non-zero) before it is claimed; 0 for a job not found."""
-    with Session(engine) as session:
-        value = session.execute(select(Job.isolation).where(col(Job.id) == job_id)).scalar()
-        return int(value or 0)
-
-
 def receive_job(engine: Engine, job_id: int, *, worker: str) -> None:
     """Note that this worker holds a queued job's message while it waits its turn to claim it.
 
     If the worker dies meanwhile, the message sits unacknowledged in Redis; this row is how a
     live worker knows to hand it out again (liveness.rescue_orphans).
     """
-    with Session(engine) as session:
-        session.execute(
+    with _writing(engine) as conn:
+        conn.execute(
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued.value)
             .values(worker=worker, started_at=utcnow())
         )
-        session.commit()
 
 
-def claim_job(engine: Engine, job_id: int, *, worker: str, max_attempts: int, alone: bool = False) -> Claim:
+# This process's name for the claims of callers that name none (one process, one incarnation).
+PROCESS_CLAIM_ID = uuid.uuid4().hex
+_JOB_TABLE: Table = Job.__table__  # type: ignore[attr-defined]
+_JOB_COLUMNS = tuple(_JOB_TABLE.c)
+_CLAIM_VALUES: dict[str, Any] = {
+    "status": JobStatus.running.value,
+    "attempts": Job.attempts + 1,
+    "started_at": bindparam("b_started", type_=_JOB_TABLE.c.started_at.type),
+    "worker": bindparam("b_worker"),
+    "claim_id": bindparam("b_claim"),
+}
+_CLAIM = {
+    alone: update(Job)
+    .where(
+        col(Job.id) == bindparam("b_id"),
+        col(Job.status) == JobStatus.queued.value,
+        *(() if alone else (col(Job.isolation) == 0,)),
+    )
+    .values(**_CLAIM_VALUES, **({"isolation": 2} if alone else {}))
+    .returning(*_JOB_COLUMNS)
+    for alone in (False, True)
+}
+_JOB_ROW = select(*_JOB_COLUMNS).where(col(Job.id) == bindparam("b_id"))
+_COMPLETE = (
+    update(Job)
+    # Two comparisons, not IN: an IN list is re-expanded into the SQL on every execution.
+    .where(col(Job.id) == bindparam("b_id"), or_(*(col(Job.status) == status for status in ACTIVE)))
+    .values(
+        status=JobStatus.done.value,
+        caption=bindparam("b_caption"),
+        prompt_tokens=bindparam("b_prompt_tokens"),
+        output_tokens=bindparam("b_output_tokens"),
+        error=None,
+        finished_at=bindparam("b_finished", type_=_JOB_TABLE.c.finished_at.type),
+    )
+    .returning(col(Job.id))
+)
+_STORED_BY = select(col(Job.id)).where(
+    col(Job.id) == bindparam("b_id"),
+    col(Job.status) == JobStatus.done.value,
+    col(Job.claim_id) == bindparam("b_claim"),
+)
+GAVE_UP = "gave up after"
+
+
+def claim_job(
+    engine: Engine,
+    job_id: int,
+    *,
+    worker: str,
+    max_attempts: int,
+    alone: bool = False,
+    claim_id: str | None = None,
+) -> Claim:
     """Mark a job running and count the attempt; refuse jobs that are finished or out of attempts.
 
     A message can arrive again after its worker died (``task_reject_on_worker_lost``); counting
     attempts here, in the database, is what stops an image that kills its worker from looping.
+
+    A job marked to run alone is claimed only with ``alone=True``; without, the answer says
+    ``run_alone``, so a worker learns it from the claim and reads nothing before it.
+
+    ``claim_id`` names this claim in the row (default: this process's one name). A call retried
+    after its COMMIT landed but the acknowledgement was lost finds the job `running` under its
+    own name and worker: that is its claim, taken once, counted once. A job running under any
+    other name (a duplicate message, another worker, a dead incarnation) is refused.
     """
-    with Session(engine) as session:
-        # Only a queued job: a second message for a job already running (a duplicate send) finds
-        # it taken and is dropped; a job whose worker died is put back to queued first (liveness).
-        result = session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued.value)
-            .values(
-                status=JobStatus.running.value,
-                attempts=Job.attempts + 1,
-                started_at=utcnow(),
-                worker=worker,
-                **({"isolation": 2} if alone else {}),
-            )
-        )
-        session.commit()
-        job = session.get(Job, job_id)
-        if job is None:
-            return Claim(None, "no such job")
-        if result.rowcount == 0:  # type: ignore[attr-defined]
-            return Claim(None, f"job is already {job.status}")
-        if job.attempts > max_attempts:
+    claim_id = claim_id or PROCESS_CLAIM_ID
+    params = {"b_id": job_id, "b_started": utcnow(), "b_worker": worker, "b_claim": claim_id}
+    with _writing(engine) as conn:
+        # Only a queued job: a job whose worker died is put back to queued first (liveness).
+        row = conn.execute(_CLAIM[alone], params).first()
+        if row is None:
+            row = conn.execute(_JOB_ROW, params).first()
+            if row is None:
+                return Claim(None, "no such job")
+            if row.status == JobStatus.queued.value and row.isolation and not alone:
+                return Claim(None, "marked to run alone", run_alone=True)
+            if row.claim_id != claim_id or row.worker != worker:
+                return Claim(None, f"job is already {row.status}")
+            if row.status == JobStatus.failed.value and (row.error or "").startswith(GAVE_UP):
+                return Claim(None, row.error, gave_up=True)  # this claim's own verdict, below
+            if row.status != JobStatus.running.value:
+                return Claim(None, f"job is already {row.status}")
+        if row.attempts > max_attempts:
             reason = (
-                f"gave up after {max_attempts} attempts: the worker died or timed out each time it "
+                f"{GAVE_UP} {max_attempts} attempts: the worker died or timed out each time it "
                 "captioned this image"
             )
-            fail_job(engine, job_id, reason)
+            conn.execute(_fail_statement(job_id, reason))
             return Claim(None, reason, gave_up=True)
-        return Claim(JobPublic.model_validate(job))
+        return Claim(JobPublic.model_validate(row._asdict()))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A caption to store, and the claim it was made under (see ``complete_jobs``)."""
+
+    job_id: int
+    caption: str
+    prompt_tokens: int | None
+    output_tokens: int | None
+    claim_id: str | None = None
+
+
+def complete_jobs(engine: Engine, completions: Sequence[Completion]) -> list[bool]:
+    """Store captions in one transaction, each its own conditional UPDATE; True where stored.
+
+    A job that already has a result keeps it. A job found done under the caption's own
+    ``claim_id`` counts as stored: a retry whose first COMMIT landed. One value the database
+    refuses rolls them all back; the caller then stores them one by one.
+    """
+    finished = utcnow()
+    stored: list[bool] = []
+    with _writing(engine) as conn:
+        for item in completions:
+            params = {
+                "b_id": item.job_id,
+                "b_caption": item.caption,
+                "b_prompt_tokens": item.prompt_tokens,
+                "b_output_tokens": item.output_tokens,
+                "b_finished": finished,
+                "b_claim": item.claim_id,
+            }
+            done = conn.execute(_COMPLETE, params).first() is not None
+            if not done and item.claim_id is not None:
+                done = conn.execute(_STORED_BY, params).first() is not None
+            stored.append(done)
+    return stored
 
 
 def complete_job(
-    engine: Engine, job_id: int, *, caption: str, prompt_tokens: int | None, output_tokens: int | None
+    engine: Engine,
+    job_id: int,
+    *,
+    caption: str,
+    prompt_tokens: int | None,
+    output_tokens: int | None,
+    claim_id: str | None = None,
 ) -> bool:
     """Store the caption unless the job already has one; True when this call stored it."""
-    with Session(engine) as session:
-        result = session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
-            .values(
-                status=JobStatus.done.value,
-                caption=caption,
-                prompt_tokens=prompt_tokens,
-                output_tokens=output_tokens,
-                error=None,
-                finished_at=utcnow(),
-            )
-        )
-        session.commit()
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+    return complete_jobs(engine, [Completion(job_id, caption, prompt_tokens, output_tokens, claim_id)])[0]
+
+
+def _fail_statement(job_id: int, reason: str) -> Any:
+    return (
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
+        .values(status=JobStatus.failed.value, error=reason[:2000], finished_at=utcnow())
+    )
 
 
 def fail_job(engine: Engine, job_id: int, reason: str) -> bool:
     """Record a failure with its reason; a job that is already done keeps its caption."""
-    with Session(engine) as session:
-        result = session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.status).in_(ACTIVE))
-            .values(status=JobStatus.failed.value, error=reason[:2000], finished_at=utcnow())
-        )
-        session.commit()
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+    with _writing(engine) as conn:
+        return bool(conn.execute(_fail_statement(job_id, reason)).rowcount)
 
 
 def return_to_queue(
@@ -351,14 +466,13 @@ def return_to_queue(
     conditions = [col(Job.id) == job_id, col(Job.status) == status, col(Job.worker) == worker]
     if started_at is not None:
         conditions.append(col(Job.started_at) == started_at)
-    with Session(engine) as session:
-        result = session.execute(
+    with _writing(engine) as conn:
+        result = conn.execute(
             update(Job)
             .where(*conditions)
-            .values(status=JobStatus.queued.value, worker=None, started_at=None, **values)
+            .values(status=JobStatus.queued.value, worker=None, started_at=None, claim_id=None, **values)
         )
-        session.commit()
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(result.rowcount)
 
 
 def give_back_attempt() -> Any:

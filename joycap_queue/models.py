@@ -90,6 +90,9 @@ class Job(JobBase, table=True):
     # After a worker died with it in flight among others: 1, run it alone; 2, running alone now
     # (so a death then is its fault). See liveness.py and worker/gate.py.
     isolation: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    # Names the claim that made the job `running` (db.claim_job): a claim retried after its
+    # COMMIT's acknowledgement was lost finds its own name here and knows the job is its own.
+    claim_id: str | None = Field(default=None, max_length=64)
 
 
 class Watcher(SQLModel, table=True):

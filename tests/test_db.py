@@ -6,7 +6,8 @@ import threading
 from typing import Any
 
 import pytest
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col
 
 from joycap_queue import db
 from joycap_queue.errors import OptionError, ServiceUnavailable
@@ -78,6 +79,84 @@ def test_attempts_are_counted_and_capped(database_url: str) -> None:
     with Session(engine) as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == "failed" and job.attempts == 3
+
+
+def test_a_claim_retried_after_its_commit_landed_is_its_own(database_url: str) -> None:
+    # The retry after a lost COMMIT acknowledgement calls the claim again with the same
+    # arguments: it finds the job running under its own name and takes it, counted once.
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    first = db.claim_job(engine, job_id, worker="w1", max_attempts=3, claim_id="claim-1")
+    again = db.claim_job(engine, job_id, worker="w1", max_attempts=3, claim_id="claim-1")
+    assert first.job is not None and again.job is not None
+    assert (again.job.status, again.job.attempts, again.job.worker) == ("running", 1, "w1")
+    # Without a name of its own, a claim is named by this process: the same worker here again.
+    job_b = insert(database_url, "b")["b"]
+    assert db.claim_job(engine, job_b, worker="w1", max_attempts=3).job is not None
+    retried = db.claim_job(engine, job_b, worker="w1", max_attempts=3)
+    assert retried.job is not None and retried.job.attempts == 1
+    # Anyone else's claim is refused: a second message (another claim), another worker.
+    assert db.claim_job(engine, job_id, worker="w1", max_attempts=3, claim_id="claim-2").job is None
+    assert db.claim_job(engine, job_id, worker="w2", max_attempts=3, claim_id="claim-1").job is None
+    with Session(engine) as session:
+        row = session.get(Job, job_id)
+        assert row is not None and (row.status, row.attempts, row.claim_id) == ("running", 1, "claim-1")
+
+
+def test_a_completion_retried_after_its_commit_landed_counts_as_stored(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    db.claim_job(engine, job_id, worker="w1", max_attempts=3, claim_id="claim-1")
+    caption = {"caption": "first", "prompt_tokens": 1, "output_tokens": 1}
+    assert db.complete_job(engine, job_id, **caption, claim_id="claim-1")
+    # Its retry is told the caption is stored (it is), so the worker writes its sidecars...
+    assert db.complete_job(engine, job_id, **caption, claim_id="claim-1")
+    # ...while a caption made under another claim is still discarded.
+    assert not db.complete_job(engine, job_id, caption="second", prompt_tokens=1, output_tokens=1)
+    assert not db.complete_job(engine, job_id, **caption, claim_id="claim-2")
+
+
+def test_a_job_marked_to_run_alone_is_claimed_only_alone(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    with Session(engine) as session:
+        session.execute(update(Job).where(col(Job.id) == job_id).values(isolation=1))
+        session.commit()
+    shared = db.claim_job(engine, job_id, worker="w1", max_attempts=3, claim_id="c")
+    assert shared.job is None and shared.run_alone
+    alone = db.claim_job(engine, job_id, worker="w1", max_attempts=3, alone=True, claim_id="c")
+    assert alone.job is not None and alone.job.attempts == 1
+    with Session(engine) as session:
+        row = session.get(Job, job_id)
+        assert row is not None and (row.status, row.isolation) == ("running", 2)
+
+
+def test_a_gave_up_claim_retried_still_gives_up(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    job_id = insert(database_url, "a")["a"]
+    with Session(engine) as session:
+        session.execute(update(Job).where(col(Job.id) == job_id).values(attempts=2))
+        session.commit()
+    first = db.claim_job(engine, job_id, worker="w1", max_attempts=2, claim_id="c")
+    again = db.claim_job(engine, job_id, worker="w1", max_attempts=2, claim_id="c")
+    assert first.gave_up and again.gave_up and "gave up after 2 attempts" in again.reason
+
+
+def test_captions_stored_together_each_conditional(database_url: str) -> None:
+    engine = db.get_engine(database_url)
+    ids = insert(database_url, "a", "b", "c")
+    for job_id in ids.values():
+        db.claim_job(engine, job_id, worker="w", max_attempts=3)
+    assert db.fail_job(engine, ids["b"], "broken")
+    stored = db.complete_jobs(engine, [db.Completion(ids[k], f"caption {k}", 1, 2) for k in ("a", "b", "c")])
+    assert stored == [True, False, True]
+    with Session(engine) as session:
+        rows = {k: session.get(Job, job_id) for k, job_id in ids.items()}
+        assert {k: (r.status, r.caption) for k, r in rows.items() if r is not None} == {
+            "a": ("done", "caption a"),
+            "b": ("failed", None),
+            "c": ("done", "caption c"),
+        }
 
 
 def test_concurrent_completions_store_one_caption(database_url: str) -> None:

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from joycap_queue.prompts import system_prompt
 from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.batcher import CaptionService, HandedBack
+from worker.completions import CompletionWriter
 from worker.gate import Gate
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,42 @@ def run_caption_job(
     settings: Settings,
     worker_name: str,
     gate: Gate | None = None,
+    writer: CompletionWriter | None = None,
 ) -> JobOutcome:
-    """Caption one job; with a ``gate``, a job marked to run alone waits for an empty worker."""
-    if gate is None:
-        return _run(job_id, engine, captioner, settings, worker_name, alone=False)
-    alone = db.job_isolation(engine, job_id) > 0
+    """Caption one job; with a ``gate``, a job marked to run alone waits for an empty worker.
+
+    With a ``writer``, the caption is stored in one transaction with the others finishing with it.
+    """
+    gate = gate or Gate()
+    # One name for this delivery's claim, kept across its retries: a retry after a lost COMMIT
+    # acknowledgement then knows the job it finds running as its own (db.claim_job).
+    claim_id = uuid.uuid4().hex
+
+    def note_waiting() -> None:
+        db.receive_job(engine, job_id, worker=worker_name)
+
+    def claim(alone: bool) -> db.Claim:
+        # On this thread, not the writer's: claims arrive one at a time, as Celery hands out
+        # messages, so a group would hold one claim and cost a hand-over (measured: more CPU).
+        return db.retrying(settings.db_retry_s, what=f"claim job {job_id}")(
+            db.claim_job,
+            engine,
+            job_id,
+            worker=worker_name,
+            max_attempts=settings.max_attempts,
+            alone=alone,
+            claim_id=claim_id,
+        )
+
     try:
-        with gate.hold(alone=alone, on_wait=lambda: db.receive_job(engine, job_id, worker=worker_name)):
-            return _run(job_id, engine, captioner, settings, worker_name, alone=alone)
+        # Most jobs run with others; the claim itself says when this one must not, so no job
+        # pays a read of its own before it is claimed.
+        with gate.hold(alone=False, on_wait=note_waiting):
+            first = claim(alone=False)
+            if not first.run_alone:
+                return _run(job_id, first, engine, captioner, settings, worker_name, writer, claim_id)
+        with gate.hold(alone=True, on_wait=note_waiting):
+            return _run(job_id, claim(alone=True), engine, captioner, settings, worker_name, writer, claim_id)
     except HandedBack:
         # Stopped while waiting its turn: never claimed, so only the note of holding it goes.
         db.return_to_queue(engine, job_id, status=JobStatus.queued.value, worker=worker_name)
@@ -64,16 +94,14 @@ def run_caption_job(
 
 def _run(
     job_id: int,
+    claim: db.Claim,
     engine: Engine,
     captioner: CaptionService,
     settings: Settings,
     worker_name: str,
-    *,
-    alone: bool,
+    writer: CompletionWriter | None,
+    claim_id: str,
 ) -> JobOutcome:
-    claim = db.retrying(settings.db_retry_s, what=f"claim job {job_id}")(
-        db.claim_job, engine, job_id, worker=worker_name, max_attempts=settings.max_attempts, alone=alone
-    )
     if claim.job is None:
         log.info("job %s skipped: %s", job_id, claim.reason)
         if claim.gave_up:
@@ -81,6 +109,7 @@ def _run(
             return JobOutcome(job_id, "failed", claim.reason)
         return JobOutcome(job_id, "skipped", claim.reason)
     job = claim.job
+    wants_outputs = OutputOptions.from_json(job.outputs).active  # most jobs ask for none
     started = time.monotonic()
     try:
         if job.model != captioner.model_id:
@@ -108,43 +137,52 @@ def _run(
         log.info("job %s handed back: the worker is stopping", job_id)
         return JobOutcome(job_id, HANDED_BACK)
     except ImageError as exc:
-        return _failed(engine, settings, job_id, str(exc))
+        return _failed(engine, settings, job_id, str(exc), outputs=wants_outputs)
     except SoftTimeLimitExceeded:
-        return _failed(engine, settings, job_id, f"timed out after {settings.task_time_limit_s} s")
+        reason = f"timed out after {settings.task_time_limit_s} s"
+        return _failed(engine, settings, job_id, reason, outputs=wants_outputs)
     except Exception as exc:  # noqa: BLE001 - a job failure is data; the worker must keep going
         log.exception("job %s: captioning failed", job_id)
-        return _failed(
-            engine, settings, job_id, f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0]
-        )
-    caption = job.prepend + output.caption + job.append
+        reason = f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        return _failed(engine, settings, job_id, reason, outputs=wants_outputs)
+    completion = db.Completion(
+        job_id,
+        job.prepend + output.caption + job.append,
+        output.prompt_tokens,
+        output.output_tokens,
+        claim_id,
+    )
     try:
         # The caption is computed: a database that is busy or restarting is waited for.
-        stored = db.retrying(settings.db_retry_s, what=f"store the caption of job {job_id}")(
-            db.complete_job,
-            engine,
-            job_id,
-            caption=caption,
-            prompt_tokens=output.prompt_tokens,
-            output_tokens=output.output_tokens,
-        )
+        if writer is not None:
+            stored = writer.complete(completion)
+        else:
+            stored = db.retrying(settings.db_retry_s, what=f"store the caption of job {job_id}")(
+                db.complete_jobs, engine, [completion]
+            )[0]
     except (DataError, IntegrityError) as exc:
         # The database refuses this value for good; retrying cannot help, so the job fails.
         reason = str(exc.orig or exc).strip().splitlines()[0]
-        return _failed(engine, settings, job_id, f"could not store the caption: {reason}")
+        return _failed(
+            engine, settings, job_id, f"could not store the caption: {reason}", outputs=wants_outputs
+        )
     elapsed = time.monotonic() - started
     if not stored:
         log.info("job %s already finished elsewhere; caption discarded", job_id)
         return JobOutcome(job_id, "skipped", "already finished")
     log.info("job %s done in %.2fs (%d tokens)", job_id, elapsed, output.output_tokens)
-    if OutputOptions.from_json(job.outputs).active:  # most jobs ask for none: skip the re-read
+    if wants_outputs:  # the sidecars re-read the row: only for a job that asks for them
         _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "done")
 
 
-def _failed(engine: Engine, settings: Settings, job_id: int, reason: str) -> JobOutcome:
+def _failed(engine: Engine, settings: Settings, job_id: int, reason: str, *, outputs: bool) -> JobOutcome:
     log.warning("job %s failed: %s", job_id, reason)
-    if db.retrying(settings.db_retry_s, what=f"record the failure of job {job_id}")(
-        db.fail_job, engine, job_id, reason
+    if (
+        db.retrying(settings.db_retry_s, what=f"record the failure of job {job_id}")(
+            db.fail_job, engine, job_id, reason
+        )
+        and outputs
     ):
         _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "failed", reason)

@@ -12,6 +12,7 @@ from joycap_queue import db
 from joycap_queue.config import get_settings
 from joycap_queue.queue import CAPTION_TASK
 from worker.app import app
+from worker.completions import get_completion_writer
 from worker.jobs import HANDED_BACK, run_caption_job
 from worker.runtime import get_batcher, get_gate
 
@@ -25,13 +26,15 @@ def caption(self: Task, job_id: object) -> str:
         log.error("rejected malformed %s message: job id %r is not an integer", CAPTION_TASK, job_id)
         return "rejected"
     settings = get_settings()
+    engine = db.get_engine(settings.effective_database_url)
     outcome = run_caption_job(
         job_id,
-        engine=db.get_engine(settings.effective_database_url),
+        engine=engine,
         captioner=get_batcher(settings),
         settings=settings,
         worker_name=self.request.hostname or socket.gethostname(),
         gate=get_gate(),
+        writer=get_completion_writer(engine, retry_s=settings.db_retry_s),
     )
     if outcome.status == HANDED_BACK:
         # The message goes back to the queue as it is (acks_late: it was never acknowledged).
