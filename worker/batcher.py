@@ -113,6 +113,31 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
+class CaptionStream:
+    """What the batcher and the continuous engine share: one model thread, closing, time limits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.time_limit_s: float | None = None
+        self.watchdog = CallWatchdog()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop after what was already handed in; new images are refused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def enforce_time_limit(self, limit_s: float) -> None:
+        """A caption not back within ``limit_s`` fails; a model call far past it ends the process."""
+        self.time_limit_s = limit_s
+        self.watchdog.arm(limit_s)
+
+
 @dataclass
 class _Request:
     prepared: Any
@@ -121,12 +146,13 @@ class _Request:
     queued_at: float = field(default_factory=time.monotonic)
 
 
-class Batcher:
+class Batcher(CaptionStream):
     """Merges concurrent callers' images into batches for one backend; one per worker process."""
 
     def __init__(self, backend: Backend, *, max_batch_size: int = 8, wait_ms: float = 50.0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        super().__init__()
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.wait_s = max(wait_ms, 0.0) / 1000.0
@@ -136,12 +162,7 @@ class Batcher:
         # Requests being prepared on task threads right now: they will be ready within
         # milliseconds, so a batch that they would fill waits for them instead of leaving without.
         self._preparing = 0
-        self._cond = threading.Condition()
-        self._closed = False
         self._running: Sequence[_Request] = ()
-        self._thread: threading.Thread | None = None
-        self.time_limit_s: float | None = None
-        self.watchdog = CallWatchdog()
 
     @property
     def model_id(self) -> str:
@@ -150,11 +171,6 @@ class Batcher:
     def describe(self) -> str:
         return f"{self.backend.describe()}, batches of up to {self.max_batch_size}"
 
-    def enforce_time_limit(self, limit_s: float) -> None:
-        """A caption not back within ``limit_s`` fails; a generate call far past it ends the process."""
-        self.time_limit_s = limit_s
-        self.watchdog.arm(limit_s)
-
     def start(self) -> Batcher:
         """Start the generate thread (idempotent); requests queued before it wait for it."""
         with self._cond:
@@ -162,15 +178,6 @@ class Batcher:
                 self._thread = threading.Thread(target=self._run, name="joycap-generate", daemon=True)
                 self._thread.start()
         return self
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Stop after the requests already queued; new ones are refused."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
 
     def hand_back(self) -> int:
         """Stop now: every request not yet captioned fails with HandedBack; returns how many.

@@ -29,13 +29,12 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from worker.backends.base import CaptionInput, CaptionOutput, GenerationParams
 from worker.batcher import (
-    CallWatchdog,
+    CaptionStream,
     HandedBack,
     is_out_of_memory,
     one_line,
@@ -44,10 +43,8 @@ from worker.batcher import (
     without_frames,
 )
 from worker.captioner import Captioner, PreparedImage
-from worker.decode_graphs import DecodeGraphs, decode_buckets
 from worker.engine_memory import plan_capacity, plan_slots
-from worker.sampling import RowControls, constrain_stops, next_tokens
-from worker.slotcache import SlotCache, use_slot_attention
+from worker.model_runner import ModelRunner, Newcomer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +60,7 @@ class _Sequence:
     restarts: int = 0
 
 
-class ContinuousEngine:
+class ContinuousEngine(CaptionStream):
     """Captions a stream of images on one ``Captioner``'s model; one per worker process."""
 
     def __init__(
@@ -77,6 +74,7 @@ class ContinuousEngine:
         cuda_graphs: bool = True,
         cpu_fast_path: bool = True,
     ) -> None:
+        super().__init__()
         self.captioner = captioner
         self.requested_slots = slots
         self.kv_memory_fraction = kv_memory_fraction
@@ -93,16 +91,11 @@ class ContinuousEngine:
         self.most_in_flight = 0
         # Images admitted while other captions were decoding: the stream's whole point.
         self.joined_mid_flight = 0
-        self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._free: list[int] = []
-        self._closed = False
-        self._thread: threading.Thread | None = None
         self._ready = False
         self._ready_lock = threading.Lock()
-        self.time_limit_s: float | None = None
-        self.watchdog = CallWatchdog()
 
     @property
     def model_id(self) -> str:
@@ -121,67 +114,49 @@ class ContinuousEngine:
             captioner = self.captioner
             captioner.load()
             model = captioner.model
-            text_config = model.config.get_text_config()
-            self.device = torch.device(captioner.device)
-            self.dtype = model.dtype
+            device = torch.device(captioner.device)
             self.capacity = plan_capacity(captioner.image_seq_length, self.max_new_tokens)
             self.slots, why = plan_slots(
                 self.requested_slots,
-                text_config=text_config,
-                dtype=self.dtype,
-                device=self.device,
+                text_config=model.config.get_text_config(),
+                dtype=model.dtype,
+                device=device,
                 capacity=self.capacity,
                 memory_fraction=self.kv_memory_fraction,
             )
-            self.prefill_chunk = self.requested_chunk or (512 if self.device.type == "cuda" else 4096)
-            self._language_model = _language_model(model)
-            self._lm_head = model.get_output_embeddings()
-            self._embed = model.get_input_embeddings()
-            self._cache = SlotCache(
-                text_config, slots=self.slots, capacity=self.capacity, dtype=self.dtype, device=self.device
+            self.slot_reason = why
+            self.prefill_chunk = self.requested_chunk or (512 if device.type == "cuda" else 4096)
+            self._runner = ModelRunner(
+                captioner,
+                slots=self.slots,
+                capacity=self.capacity,
+                prefill_chunk=self.prefill_chunk,
+                cpu_fast_path=self.cpu_fast_path,
             )
-            self._controls = RowControls.allocate(self.slots, self.device)
-            self._tokens = torch.zeros(self.slots, dtype=torch.int64, device=self.device)
-            # A slot that is idle or still in prefill decodes a throwaway token at the last position
-            # of its row: no caption reaches it before writing it itself (admission checks that),
-            # so the prompt a prefill is writing is never overwritten.
-            self._parked = self.capacity - 1
-            self._positions = torch.full((self.slots,), self._parked, dtype=torch.int64, device=self.device)
-            self._stop_ids = torch.tensor(captioner.encoder.stop_ids, device=self.device)
             self._stop_set = set(captioner.encoder.stop_ids)
-            self._eager_mask = text_config._attn_implementation == "eager"
-            # SDPA's grouped-query path with a mask: faster on the CPU, the math kernel on CUDA.
-            self._slot_kwargs = (
-                {"slot_gqa": True} if self.device.type == "cpu" and use_slot_attention(model) else {}
-            )
             self._free = list(range(self.slots))
-            # The CPU skips the sampling ops when nobody samples; a CUDA graph runs them always.
-            self._all_greedy = False
-            self._graphs: DecodeGraphs | None = None
-            if self.want_graphs and self.device.type == "cuda":
-                self._graphs = DecodeGraphs.capture(
-                    self._decode_body, decode_buckets(self.slots), self._reset
-                )
+            if self.want_graphs:
+                self._runner.capture_graphs()
+            graphs = self._runner.graphs
             log.info(
                 "engine ready in %.1f s: %d slots (%s), %d tokens each, KV cache %.2f GiB, %s",
                 time.monotonic() - started,
                 self.slots,
                 why,
                 self.capacity,
-                self._cache.nbytes / 2**30,
-                self._graphs.describe() if self._graphs else "eager decode",
+                self._runner.cache.nbytes / 2**30,
+                graphs.describe() if graphs else "eager decode",
             )
             self._ready = True
 
     def describe(self) -> str:
-        return f"continuous engine, {self.slots} images in flight, {self.captioner.describe()}" + (
-            f", {self._graphs.describe()}" if self._ready and self._graphs else ""
+        if not self._ready:
+            return f"continuous engine, {self.captioner.describe()}"
+        graphs = self._runner.graphs
+        return (
+            f"continuous engine, {self.slots} images in flight ({self.slot_reason}), "
+            f"{self.captioner.describe()}, " + (graphs.describe() if graphs else "eager decode")
         )
-
-    def enforce_time_limit(self, limit_s: float) -> None:
-        """A caption not back within ``limit_s`` fails; a model call far past it ends the process."""
-        self.time_limit_s = limit_s
-        self.watchdog.arm(limit_s)
 
     # The caller's side: task threads, any number at once.
 
@@ -207,15 +182,6 @@ class ContinuousEngine:
             self._cond.notify_all()
         self.start()
         return sequence.future
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Stop after the captions already submitted; new ones are refused."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
 
     def hand_back(self) -> int:
         """Stop now: every caption not yet finished fails with HandedBack; returns how many."""
@@ -304,142 +270,40 @@ class ContinuousEngine:
             self._prefill([sequence])
 
     def _prefill_together(self, admitted: Sequence[_Sequence]) -> None:
-        """Images sharing a prompt length share a forward: one per group, chunk by chunk."""
+        """One vision forward for all newcomers, then one prefill per prompt length."""
+        runner = self._runner
         with torch.inference_mode():
-            features = self._image_features([s.prepared.pixels for s in admitted])
-            groups: dict[int, list[tuple[_Sequence, torch.Tensor]]] = {}
+            features = runner.image_features([s.prepared.pixels for s in admitted])
+            groups: dict[int, list[Newcomer]] = {}
             for sequence, feature in zip(admitted, features, strict=True):
-                groups.setdefault(len(sequence.prepared.ids), []).append((sequence, feature))
-            for length, members in groups.items():
-                self._prefill_group(length, members)
+                newcomer = Newcomer(
+                    sequence.slot,
+                    sequence.prepared.ids,
+                    feature,
+                    sequence.params,
+                    sequence.seed,
+                    sequence.prepared.forced_length or 0,
+                )
+                groups.setdefault(len(newcomer.ids), []).append(newcomer)
+            for newcomers in groups.values():
+                first = runner.prefill(newcomers, between_chunks=self._step_if_decoding)
+                runner.all_greedy = all(s.params.is_greedy for s in self._active.values())
+                for newcomer, token in zip(newcomers, first, strict=True):
+                    self._accept(self._active[newcomer.slot], token)
 
-    def _image_features(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        model = self.captioner.model
-        config = model.config
-        out = model.get_image_features(
-            pixel_values=torch.stack(pixels).to(self.device, self.dtype),
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
-        # transformers 5.x returns a tensor, a list per image, or an output with pooler_output.
-        out = getattr(out, "pooler_output", out)
-        return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
-
-    def _prefill_group(self, length: int, members: list[tuple[_Sequence, torch.Tensor]]) -> None:
-        image_token = self.captioner.encoder.image_token_id
-        ids = torch.tensor([s.prepared.ids for s, _ in members], device=self.device)
-        embeds = self._embed(ids)
-        image_mask = (ids == image_token).unsqueeze(-1).expand_as(embeds)
-        features = torch.stack([f for _, f in members]).to(embeds.dtype)
-        embeds = embeds.masked_scatter(image_mask, features)
-        rows = torch.tensor([s.slot for s, _ in members], device=self.device)
-        hidden = embeds
-        for start in range(0, length, self.prefill_chunk):
-            end = min(length, start + self.prefill_chunk)
-            positions = torch.arange(start, end, device=self.device).expand(len(members), -1)
-            # Causal with an offset: a later chunk sees the earlier ones. Always a 4D mask, which
-            # transformers takes as it is (its own mask helpers would query this cache).
-            causal = torch.arange(end, device=self.device)[None, :] <= positions[0][:, None]
-            slot_kwargs = (
-                {**self._slot_kwargs, "slot_causal": True}
-                if self._slot_kwargs and not start
-                else self._slot_kwargs
-            )
-            hidden = self._language_model(
-                inputs_embeds=embeds[:, start:end],
-                position_ids=positions,
-                attention_mask=self._mask(causal.expand(len(members), 1, -1, -1)),
-                **{self._cache_kwarg(): self._cache.for_prefill(rows, start)},
-                **slot_kwargs,
-                use_cache=True,
-            ).last_hidden_state
-            if end < length and self._active_decoding(members):
-                self._step()
-        logits = self._lm_head(hidden[:, -1]).float()
-        controls = self._controls
-        for sequence, _ in members:
-            params = sequence.params
-            controls.set_row(
-                sequence.slot,
-                temperature=0.0 if params.is_greedy else params.temperature,
-                top_k=params.top_k or 0,
-                top_p=1.0 if params.top_p is None or params.is_greedy else params.top_p,
-                seed=sequence.seed,
-                min_new=params.min_new_tokens,
-                forced_end=sequence.prepared.forced_length or 0,
-            )
-        view = controls.select(rows)
-        constrain_stops(logits, view, self._stop_ids)
-        first = next_tokens(logits, view)
-        self._all_greedy = all(s.params.is_greedy for s in self._active.values())
-        self._tokens[rows] = first
-        self._positions[rows] = length
-        controls.step[rows] = 1
-        for (sequence, _), token in zip(members, first.tolist(), strict=True):
-            self._accept(sequence, token)
-
-    def _active_decoding(self, members: list[tuple[_Sequence, torch.Tensor]]) -> bool:
-        newcomers = {s.slot for s, _ in members}
-        return any(slot not in newcomers for slot in self._active)
+    def _step_if_decoding(self) -> None:
+        # Between prefill chunks: captions already decoding get their next token meanwhile.
+        if any(s.tokens for s in self._active.values()):
+            self._step()
 
     def _step(self) -> None:
         """One token for every busy slot."""
-        newcomers = {s.slot for s in self._active.values() if not s.tokens}
-        count = max(self._active) + 1
-        with torch.inference_mode():
-            if self._graphs is not None:
-                new = self._graphs.replay(count)
-            else:
-                # Only as many keys as the longest caption has: the CPU pays for every one.
-                kv_length = max(
-                    len(s.prepared.ids) + len(s.tokens) for s in self._active.values() if s.tokens
-                )
-                new = self._decode_body(count, kv_length)
+        decoding = {slot: s for slot, s in self._active.items() if s.tokens}
+        kv_length = max(len(s.prepared.ids) + len(s.tokens) for s in decoding.values())
+        new = self._runner.decode(max(self._active) + 1, kv_length)
         self.steps_run += 1
-        for slot, token in enumerate(new.tolist()):
-            sequence = self._active.get(slot)
-            if sequence is not None and slot not in newcomers:
-                self._accept(sequence, token)
-
-    def _decode_body(self, count: int, kv_length: int | None = None) -> torch.Tensor:
-        """The decode step as tensor ops only (what a CUDA graph captures): tokens -> next tokens."""
-        kv_length = kv_length or self.capacity
-        positions = self._positions[:count]
-        visible = torch.arange(kv_length, device=self.device)[None, :] <= positions[:, None]
-        hidden = self._language_model(
-            input_ids=self._tokens[:count, None],
-            position_ids=positions[:, None],
-            attention_mask=self._mask(visible[:, None, None, :]),
-            **{self._cache_kwarg(): self._cache.for_decode(count, positions, kv_length)},
-            **self._slot_kwargs,
-            use_cache=True,
-        ).last_hidden_state
-        logits = self._lm_head(hidden[:, -1]).float()
-        view = self._controls.select(slice(0, count))
-        constrain_stops(logits, view, self._stop_ids)
-        new = logits.argmax(dim=-1) if self._all_greedy else next_tokens(logits, view)
-        self._tokens[:count] = new
-        # Parked rows stay on the last position; a caption never gets there (admission).
-        positions.add_(1).clamp_(max=self._parked)
-        view.step.add_(1)
-        return new
-
-    def _mask(self, visible: torch.Tensor) -> torch.Tensor:
-        if not self._eager_mask:
-            return visible
-        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~visible, torch.finfo(self.dtype).min
-        )
-
-    def _cache_kwarg(self) -> str:
-        # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
-        name = getattr(self, "_cache_name", None)
-        if name is None:
-            import inspect
-
-            params = inspect.signature(self._language_model.forward).parameters
-            name = self._cache_name = "cache" if "cache" in params else "past_key_values"
-        return name
+        for slot, sequence in decoding.items():
+            self._accept(sequence, new[slot])
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         sequence.tokens.append(token)
@@ -459,12 +323,7 @@ class ContinuousEngine:
             if self._active.get(sequence.slot) is sequence:
                 del self._active[sequence.slot]
                 heapq.heappush(self._free, sequence.slot)
-        self._positions[sequence.slot] = self._parked
-
-    def _reset(self) -> None:
-        self._positions.fill_(self._parked)
-        self._tokens.zero_()
-        self._controls.step.zero_()
+        self._runner.park(sequence.slot)
 
     def _recover(self, exc: Exception) -> None:
         """A failed prefill or step: give memory back, shrink on OOM, restart each caption once.
@@ -495,11 +354,3 @@ class ContinuousEngine:
         log.warning("a caption step failed (%s); restarting %d captions", one_line(exc), len(restart))
         with self._cond:
             self._waiting.extendleft(reversed(restart))
-
-
-def _language_model(model: Any) -> Any:
-    """The LLaVA's text decoder (transformers 5 moved it under ``model.model``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not hasattr(decoder, "layers"):
-        decoder = model.model.language_model
-    return decoder
