@@ -24,8 +24,8 @@ class JobStatus(str, enum.Enum):
     running = "running"
     done = "done"
     failed = "failed"
-    # Taken off the queue by `cancel`: claim_job claims only queued or running jobs, so a worker that
-    # still receives the message skips it; submitting the image again queues it again.
+    # Taken off the queue by `cancel`: claim_job claims only queued jobs (or its own claim again),
+    # so a worker that still receives the message skips it; submitting the image again queues it.
     cancelled = "cancelled"
 
 
