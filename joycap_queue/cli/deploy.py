@@ -53,7 +53,7 @@ def _is_loopback(address: str) -> bool:
 
 def flower_environment(settings: Settings, *, address: str, no_auth: bool) -> dict[str, str]:
     """Flower's settings as its FLOWER_* variables: the password never reaches argv or a log."""
-    env = {**os.environ, **settings_environment(settings)}
+    env = {**os.environ, **settings_environment(settings, "flower")}
     password = settings.flower_password.get_secret_value() if settings.flower_password else ""
     if no_auth:
         if not _is_loopback(address):
@@ -265,7 +265,7 @@ def up(
             else mask_url(str(settings.effective_database_url))
         )
         click.echo(f"database: {shown}")
-        env = {**os.environ, **settings_environment(settings)}
+        env = {**os.environ, **settings_environment(settings, "worker")}
         gpus = detect_gpus()
         worker_argv = [sys.executable, "-m", "joycap_queue", "worker"] + (["--gpus", "all"] if gpus else [])
         supervisor.start("worker", worker_argv, env=env, log_path=logs / "worker.log")
