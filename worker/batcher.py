@@ -62,12 +62,14 @@ EXIT_OVERRUN = 70
 
 
 class CallWatchdog:
-    """Ends the process when one model call outlives the time limit; off until ``arm``."""
+    """Ends the process when one model call outlives the time limit; off until ``arm``.
+
+    Calls are tracked per thread: the engine's prefill and decode threads run side by side.
+    """
 
     def __init__(self) -> None:
         self.limit_s: float | None = None
-        self._since: float | None = None
-        self._what = ""
+        self._calls: dict[int, tuple[float, str]] = {}
         self._thread: threading.Thread | None = None
 
     def arm(self, limit_s: float) -> None:
@@ -78,25 +80,28 @@ class CallWatchdog:
 
     @contextmanager
     def call(self, what: str) -> Iterator[None]:
-        self._since, self._what = time.monotonic(), what
+        me = threading.get_ident()
+        self._calls[me] = (time.monotonic(), what)
         try:
             yield
         finally:
-            self._since = None
+            self._calls.pop(me, None)
 
     def _watch(self) -> None:
         while True:
             time.sleep(1.0)
-            since, limit = self._since, self.limit_s
-            if since is not None and limit is not None and time.monotonic() - since > limit + OVERRUN_GRACE_S:
-                log.critical(
-                    "%s has run %.0f s, past the %.0f s time limit: exiting so this worker's jobs go to others",
-                    self._what,
-                    time.monotonic() - since,
-                    limit,
-                )
-                logging.shutdown()
-                os._exit(EXIT_OVERRUN)
+            limit = self.limit_s
+            for since, what in list(self._calls.values()):
+                if limit is not None and time.monotonic() - since > limit + OVERRUN_GRACE_S:
+                    log.critical(
+                        "%s has run %.0f s, past the %.0f s time limit: exiting so this worker's "
+                        "jobs go to others",
+                        what,
+                        time.monotonic() - since,
+                        limit,
+                    )
+                    logging.shutdown()
+                    os._exit(EXIT_OVERRUN)
 
 
 def wait_for_caption(future: Future[CaptionOutput], limit_s: float | None) -> CaptionOutput:

@@ -1,21 +1,18 @@
 """The continuous-batching caption engine: one KV cache, slots freed and refilled mid-flight.
 
 ``generate`` runs a static batch until its longest caption ends, builds a new cache per call and
-spends tens of milliseconds of Python per step. This engine keeps ``slots`` sequences in one
-``SlotCache`` allocated at start; one scheduler thread loops:
+spends tens of milliseconds of Python per step. This engine keeps ``slots`` captions in one
+``SlotCache`` allocated at start, and two threads:
 
-1. admit waiting images into free slots (lowest first, so the busy slots stay packed at the top
-   and a decode step covers few idle rows);
-2. prefill the newcomers, one chunk of prompt tokens at a time, a decode step between chunks so
-   running captions are never starved for long;
-3. one decode step for every busy slot: on CUDA a graph captured at start per bucket of slot
-   counts and replayed; on the CPU the same code eagerly; one host sync (the new tokens);
-4. a caption that ends resolves its caller's Future at once, and its slot is free for step 1.
+- the scheduler admits waiting images into free slots (lowest first, so busy slots stay packed
+  and a step covers few idle rows), hands prefilled slots to the decode step, runs one step for
+  every decoding slot (on CUDA a captured graph, one host sync), and resolves a caption's Future
+  the moment it ends, its slot free for the next image;
+- the prefill thread runs the vision tower and the prompt (in chunks) into newcomers' slots
+  beside the decode steps (on CUDA on a stream of its own), so running captions never wait.
 
-Each row samples with its own settings and seed (``worker/sampling.py``), so images with different
-generation parameters share a step. The prompt, the pixels and the reply trimming are the
-``transformers`` backend's (``Captioner.prepare`` / ``decode_reply``): greedy captions are the
-same tokens as ``--engine generate`` gives.
+Each row samples with its own settings and seed (``worker/sampling.py``). The prompt, pixels and
+reply trimming are the ``transformers`` backend's: greedy captions are ``generate``'s tokens.
 """
 
 from __future__ import annotations
@@ -49,7 +46,7 @@ from worker.model_runner import ModelRunner, Newcomer
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two captions of the same image are still two
 class _Sequence:
     prepared: PreparedImage
     params: GenerationParams
@@ -58,6 +55,20 @@ class _Sequence:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
     restarts: int = 0
+    # Counts admissions: a prefill result of an earlier one (the caption was restarted meanwhile)
+    # is told apart from the current one's and dropped.
+    admission: int = 0
+
+
+@dataclass
+class _Prefilled:
+    """What the prefill thread hands the scheduler: slots ready to decode, or a failure."""
+
+    sequences: list[_Sequence]
+    admissions: list[int]
+    newcomers: list[Newcomer]
+    first: list[int]
+    failure: Exception | None = None
 
 
 class ContinuousEngine(CaptionStream):
@@ -92,6 +103,10 @@ class ContinuousEngine(CaptionStream):
         # Images admitted while other captions were decoding: the stream's whole point.
         self.joined_mid_flight = 0
         self._waiting: deque[_Sequence] = deque()
+        # Admitted groups for the prefill thread, and its results for the scheduler.
+        self._to_prefill: deque[list[tuple[_Sequence, int]]] = deque()
+        self._prefilled: list[_Prefilled] = []
+        self._prefill_thread: threading.Thread | None = None
         self._active: dict[int, _Sequence] = {}
         self._free: list[int] = []
         self._ready = False
@@ -166,6 +181,10 @@ class ContinuousEngine(CaptionStream):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="joycap-engine", daemon=True)
                 self._thread.start()
+                self._prefill_thread = threading.Thread(
+                    target=self._prefill_run, name="joycap-prefill", daemon=True
+                )
+                self._prefill_thread.start()
         return self
 
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:
@@ -192,36 +211,114 @@ class ContinuousEngine(CaptionStream):
             self._cond.notify_all()
         return sum(settle(s.future, error=HandedBack("the worker is stopping")) for s in sequences)
 
-    # The scheduler thread.
+    # The scheduler thread: admits, activates prefilled slots, decodes.
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._active:
-                    if self._closed:
+                while not self._has_work():
+                    if self._closed and not self._waiting and not self._active:
+                        self._cond.notify_all()  # the prefill thread exits too
                         return
                     self._cond.wait()
                 admitted, alone = self._admit()
+                if admitted:
+                    self._to_prefill.append([(s, s.admission) for s in admitted])
+                    self._cond.notify_all()
+                ready, self._prefilled = self._prefilled, []
             try:
                 for sequence in alone:
                     with self.watchdog.call("a generate call for a caption longer than a slot"):
                         self._caption_alone(sequence)
-                if admitted:
-                    with self.watchdog.call(f"a prefill of {len(admitted)} images"):
-                        self._prefill(admitted)
-                if self._active:
+                for outcome in ready:
+                    self._activate(outcome)
+                if any(s.tokens for s in self._active.values()):
                     with self.watchdog.call(f"a decode step of {len(self._active)} captions"):
                         self._step()
             except Exception as exc:  # noqa: BLE001 - every failure is handed to its captions
                 self._recover(without_frames(exc))
 
+    def _has_work(self) -> bool:
+        decoding = any(s.tokens for s in self._active.values())
+        return decoding or bool(self._prefilled) or bool(self._waiting and self._free)
+
+    # The prefill thread: vision tower and prompt into newcomers' slots, beside the decode steps.
+
+    def _prefill_run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._to_prefill:
+                    if self._closed and not self._waiting and not self._active:
+                        return
+                    self._cond.wait()
+                entries = self._to_prefill.popleft()
+            outcomes = self._prefill(entries)
+            with self._cond:
+                self._prefilled.extend(outcomes)
+                self._cond.notify_all()
+
+    def _prefill(self, entries: Sequence[tuple[_Sequence, int]]) -> list[_Prefilled]:
+        """Prefilled groups, one per prompt length; a failure stops the rest and is returned."""
+        admitted = [sequence for sequence, _ in entries]
+        admission = {id(sequence): number for sequence, number in entries}
+        outcomes: list[_Prefilled] = []
+        left = list(admitted)
+        try:
+            with self.watchdog.call(f"a prefill of {len(admitted)} images"):
+                features = self._runner.image_features([s.prepared.pixels for s in admitted])
+                groups: dict[int, list[tuple[_Sequence, Newcomer]]] = {}
+                for sequence, feature in zip(admitted, features, strict=True):
+                    newcomer = Newcomer(
+                        sequence.slot,
+                        sequence.prepared.ids,
+                        feature,
+                        sequence.params,
+                        sequence.seed,
+                        sequence.prepared.forced_length or 0,
+                    )
+                    groups.setdefault(len(newcomer.ids), []).append((sequence, newcomer))
+                for members in groups.values():
+                    first = self._runner.prefill([n for _, n in members])
+                    done = [s for s, _ in members]
+                    outcomes.append(
+                        _Prefilled(done, [admission[id(s)] for s in done], [n for _, n in members], first)
+                    )
+                    left = [s for s in left if all(s is not m for m in done)]
+        except Exception as exc:  # noqa: BLE001 - handed to the scheduler with its images
+            numbers = [admission[id(s)] for s in left]
+            outcomes.append(_Prefilled(left, numbers, [], [], without_frames(exc)))
+        return outcomes
+
+    def _activate(self, outcome: _Prefilled) -> None:
+        """On the scheduler thread, between two steps: prefilled slots join the decode step."""
+        # Only slots still held by the admission that was prefilled (not released, not restarted).
+        pairs = zip(outcome.sequences, outcome.admissions, strict=True)
+        current = [s for s, n in pairs if self._active.get(s.slot) is s and s.admission == n]
+        if outcome.failure is None:
+            keep = {id(s) for s in current}
+            live = [i for i, s in enumerate(outcome.sequences) if id(s) in keep]
+            self._runner.activate([outcome.newcomers[i] for i in live], [outcome.first[i] for i in live])
+            self._runner.all_greedy = all(s.params.is_greedy for s in self._active.values())
+            for i in live:
+                self._accept(outcome.sequences[i], outcome.first[i])
+            return
+        if is_out_of_memory(outcome.failure):
+            self._recover(outcome.failure)
+        elif len(current) == 1:
+            self._release(current[0])
+            settle(current[0].future, error=outcome.failure)
+        else:
+            # Narrowed down: each image of the failed group is prefilled alone.
+            with self._cond:
+                self._to_prefill.extend([(s, s.admission)] for s in current)
+                self._cond.notify_all()
+
     def _admit(self) -> tuple[list[_Sequence], list[_Sequence]]:
         """Waiting images into free slots; and those too long for any slot, to caption alone."""
         admitted: list[_Sequence] = []
         alone: list[_Sequence] = []
-        # A free slot is filled at once: waiting for several to free up, so that newcomers share
-        # one prefill, measured no faster (a prefill costs the same per image at 1 or 16 on the
-        # CPU) and left slots idle.
+        # A free slot is filled at once: holding newcomers back to share one prefill measured no
+        # faster (a prefill costs the same per image at 1 or 16) and leaves slots idle.
         while self._waiting and self._free:
             sequence = self._waiting.popleft()
             if not sequence.restarts and not sequence.future.set_running_or_notify_cancel():
@@ -231,6 +328,7 @@ class ContinuousEngine(CaptionStream):
                 continue
             sequence.slot = heapq.heappop(self._free)
             sequence.tokens = []
+            sequence.admission += 1
             self._active[sequence.slot] = sequence
             admitted.append(sequence)
         self.most_in_flight = max(self.most_in_flight, len(self._active))
@@ -247,54 +345,6 @@ class ContinuousEngine(CaptionStream):
             settle(sequence.future, error=without_frames(exc))
         else:
             settle(sequence.future, result=output)
-
-    def _prefill(self, admitted: Sequence[_Sequence]) -> None:
-        """Prompt tokens into the newcomers' slots; a failure is narrowed down to its image."""
-        failure: Exception | None = None
-        try:
-            self._prefill_together(admitted)
-        except Exception as exc:  # noqa: BLE001 - handed to the image that caused it
-            failure = without_frames(exc)
-        if failure is None:
-            return
-        # Outside the except block, so the failed forward's frames (and tensors) are freed.
-        if is_out_of_memory(failure):
-            self._recover(failure)
-            return
-        pending = [s for s in admitted if self._active.get(s.slot) is s and not s.tokens]
-        if len(pending) == 1:
-            self._release(pending[0])
-            settle(pending[0].future, error=failure)
-            return
-        for sequence in pending:
-            self._prefill([sequence])
-
-    def _prefill_together(self, admitted: Sequence[_Sequence]) -> None:
-        """One vision forward for all newcomers, then one prefill per prompt length."""
-        runner = self._runner
-        with torch.inference_mode():
-            features = runner.image_features([s.prepared.pixels for s in admitted])
-            groups: dict[int, list[Newcomer]] = {}
-            for sequence, feature in zip(admitted, features, strict=True):
-                newcomer = Newcomer(
-                    sequence.slot,
-                    sequence.prepared.ids,
-                    feature,
-                    sequence.params,
-                    sequence.seed,
-                    sequence.prepared.forced_length or 0,
-                )
-                groups.setdefault(len(newcomer.ids), []).append(newcomer)
-            for newcomers in groups.values():
-                first = runner.prefill(newcomers, between_chunks=self._step_if_decoding)
-                runner.all_greedy = all(s.params.is_greedy for s in self._active.values())
-                for newcomer, token in zip(newcomers, first, strict=True):
-                    self._accept(self._active[newcomer.slot], token)
-
-    def _step_if_decoding(self) -> None:
-        # Between prefill chunks: captions already decoding get their next token meanwhile.
-        if any(s.tokens for s in self._active.values()):
-            self._step()
 
     def _step(self) -> None:
         """One token for every busy slot."""
@@ -335,6 +385,8 @@ class ContinuousEngine(CaptionStream):
             self.captioner.release_memory()
         with self._cond:
             active = sorted(self._active.values(), key=lambda s: s.slot)
+            # Every slot is given up, so every prefill still queued is stale.
+            self._to_prefill.clear()
         for sequence in active:
             self._release(sequence)
         if oom and len(active) > 1:

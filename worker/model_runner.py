@@ -8,12 +8,17 @@ slot counts at start and replayed (``worker/decode_graphs.py``); on the CPU it r
 
 The language model is transformers' own, called with this cache and a 4D mask, which it passes
 through as it is; only the attention on the CPU goes through ``slot_attention``.
+
+Prefill runs on a thread of its own beside the decode steps (on CUDA on a stream of its own):
+it writes only the prompt positions of slots that are not decoding, through a cache view of its
+own, and touches none of the decode step's inputs; ``activate`` hands the slot to the decode
+step between two steps.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +72,8 @@ class ModelRunner:
         self.cache = SlotCache(
             text_config, slots=slots, capacity=capacity, dtype=self.dtype, device=self.device
         )
+        self._prefill_cache = self.cache.view()
+        self._prefill_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.controls = RowControls.allocate(slots, self.device)
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
         # An idle slot, or one still in prefill, decodes a throwaway token at the last position of
@@ -91,65 +98,91 @@ class ModelRunner:
 
     def image_features(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         """The projected vision features of several images, ``[images, image tokens, hidden]``."""
+        if self._prefill_stream is None:
+            return self._image_features(pixels)
+        with torch.cuda.stream(self._prefill_stream):
+            return self._image_features(pixels)
+
+    def _image_features(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         config = self._model.config
-        out = self._model.get_image_features(
-            pixel_values=torch.stack(list(pixels)).to(self.device, self.dtype),
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
+        with torch.inference_mode():
+            out = self._model.get_image_features(
+                pixel_values=torch.stack(list(pixels)).to(self.device, self.dtype),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
         # transformers 5.x returns a tensor, a list per image, or an output with pooler_output.
         out = getattr(out, "pooler_output", out)
         return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
-    def prefill(self, newcomers: Sequence[Newcomer], between_chunks: Callable[[], None]) -> list[int]:
-        """Prompts of one length into their slots, chunk by chunk; each slot's first token."""
-        length = len(newcomers[0].ids)
-        ids = torch.tensor([n.ids for n in newcomers], device=self.device)
-        embeds = self._embed(ids)
-        image_mask = (ids == self._image_token).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(
-            image_mask, torch.stack([n.features for n in newcomers]).to(embeds.dtype)
+    def prefill(self, newcomers: Sequence[Newcomer]) -> list[int]:
+        """Prompts of one length into their slots, chunk by chunk; each slot's first token.
+
+        Safe beside a decode step on another thread: nothing the step reads is written here.
+        """
+        if self._prefill_stream is None:
+            return self._prefill(newcomers)
+        with torch.cuda.stream(self._prefill_stream):
+            first = self._prefill(newcomers)
+        # The cache rows are written before the decode stream reads them (activate).
+        self._prefill_stream.synchronize()
+        return first
+
+    def _prefill(self, newcomers: Sequence[Newcomer]) -> list[int]:
+        with torch.inference_mode():
+            length = len(newcomers[0].ids)
+            ids = torch.tensor([n.ids for n in newcomers], device=self.device)
+            embeds = self._embed(ids)
+            image_mask = (ids == self._image_token).unsqueeze(-1).expand_as(embeds)
+            features = torch.stack([n.features for n in newcomers]).to(self.device, embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask, features)
+            rows = torch.tensor([n.slot for n in newcomers], device=self.device)
+            hidden = embeds
+            for start in range(0, length, self.prefill_chunk):
+                end = min(length, start + self.prefill_chunk)
+                positions = torch.arange(start, end, device=self.device).expand(len(newcomers), -1)
+                # Causal with an offset: a later chunk sees the earlier ones. Always a 4D mask,
+                # which transformers takes as it is (its own mask helpers would query this cache).
+                causal = torch.arange(end, device=self.device)[None, :] <= positions[0][:, None]
+                kwargs = dict(self._slot_kwargs)
+                if kwargs and not start:
+                    kwargs["slot_causal"] = True
+                hidden = self._language_model(
+                    inputs_embeds=embeds[:, start:end],
+                    position_ids=positions,
+                    attention_mask=self._mask(causal.expand(len(newcomers), 1, -1, -1)),
+                    **{self._cache_name: self._prefill_cache.for_prefill(rows, start)},
+                    **kwargs,
+                    use_cache=True,
+                ).last_hidden_state
+            logits = self._lm_head(hidden[:, -1]).float()
+            # The first token samples with controls of its own: the shared ones are the step's.
+            controls = RowControls.allocate(len(newcomers), self.device)
+            for row, newcomer in enumerate(newcomers):
+                self._set_controls(controls, row, newcomer)
+            constrain_stops(logits, controls, self._stop_ids)
+            return [int(token) for token in next_tokens(logits, controls).tolist()]
+
+    def activate(self, newcomers: Sequence[Newcomer], first: Sequence[int]) -> None:
+        """Prefilled slots join the decode step (call between two steps, on the decode thread)."""
+        for newcomer, token in zip(newcomers, first, strict=True):
+            self._set_controls(self.controls, newcomer.slot, newcomer)
+            self.controls.step[newcomer.slot] = 1
+            self.tokens[newcomer.slot] = token
+            self.positions[newcomer.slot] = len(newcomer.ids)
+
+    @staticmethod
+    def _set_controls(controls: RowControls, row: int, newcomer: Newcomer) -> None:
+        params = newcomer.params
+        controls.set_row(
+            row,
+            temperature=0.0 if params.is_greedy else params.temperature,
+            top_k=params.top_k or 0,
+            top_p=1.0 if params.top_p is None or params.is_greedy else params.top_p,
+            seed=newcomer.seed,
+            min_new=params.min_new_tokens,
+            forced_end=newcomer.forced_length,
         )
-        rows = torch.tensor([n.slot for n in newcomers], device=self.device)
-        hidden = embeds
-        for start in range(0, length, self.prefill_chunk):
-            end = min(length, start + self.prefill_chunk)
-            positions = torch.arange(start, end, device=self.device).expand(len(newcomers), -1)
-            # Causal with an offset: a later chunk sees the earlier ones. Always a 4D mask, which
-            # transformers takes as it is (its own mask helpers would query this cache).
-            causal = torch.arange(end, device=self.device)[None, :] <= positions[0][:, None]
-            kwargs = dict(self._slot_kwargs)
-            if kwargs and not start:
-                kwargs["slot_causal"] = True
-            hidden = self._language_model(
-                inputs_embeds=embeds[:, start:end],
-                position_ids=positions,
-                attention_mask=self._mask(causal.expand(len(newcomers), 1, -1, -1)),
-                **{self._cache_name: self.cache.for_prefill(rows, start)},
-                **kwargs,
-                use_cache=True,
-            ).last_hidden_state
-            if end < length:
-                between_chunks()
-        logits = self._lm_head(hidden[:, -1]).float()
-        for newcomer in newcomers:
-            params = newcomer.params
-            self.controls.set_row(
-                newcomer.slot,
-                temperature=0.0 if params.is_greedy else params.temperature,
-                top_k=params.top_k or 0,
-                top_p=1.0 if params.top_p is None or params.is_greedy else params.top_p,
-                seed=newcomer.seed,
-                min_new=params.min_new_tokens,
-                forced_end=newcomer.forced_length,
-            )
-        view = self.controls.select(rows)
-        constrain_stops(logits, view, self._stop_ids)
-        first = next_tokens(logits, view)
-        self.tokens[rows] = first
-        self.positions[rows] = length
-        self.controls.step[rows] = 1
-        return [int(token) for token in first.tolist()]
 
     def decode(self, count: int, kv_length: int) -> list[int]:
         """One token for each of slots ``0 .. count-1`` (the one host sync of a step)."""

@@ -52,6 +52,12 @@ class SlotCache:
         self._positions: torch.Tensor | None = None
         self._kv_length = capacity
 
+    def view(self) -> SlotCache:
+        """The same tensors with a mode of its own, for a second thread (prefill beside decode)."""
+        twin = object.__new__(SlotCache)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
