@@ -22,7 +22,7 @@ from sqlmodel import Session
 from joycap_queue import db
 from joycap_queue.errors import OptionError
 from joycap_queue.files import write_atomic
-from joycap_queue.images import IMAGE_EXTENSIONS
+from joycap_queue.images import IMAGE_EXTENSIONS, hash_file
 from joycap_queue.models import Job, JobPublic, JobStatus
 
 SidecarMode = Literal["skip", "overwrite", "append", "prepend"]
@@ -93,14 +93,22 @@ def _joined(first: str, second: str) -> str:
 
 
 def merge_caption(existing: str | None, caption: str, mode: str) -> str | None:
-    """The new text of a `.txt` sidecar, or None to leave the existing file as it is."""
-    if existing is None or mode == "overwrite":
+    """The new text of a `.txt` sidecar, or None to leave the existing file as it is.
+
+    A sidecar that already holds the caption where the mode puts it is left alone: writing it
+    again (a restarted watcher giving a copy its sidecar, a repeated export, a repair) must not
+    add the caption a second time.
+    """
+    if existing is None:
         return caption
-    if mode == "skip":
+    if mode == "skip" or existing == caption:
         return None
+    if mode == "overwrite":
+        return caption
     if mode == "append":
-        return _joined(existing, caption)
-    return _joined(caption, existing.strip())
+        # What `_joined` leaves: the earlier text, ". ", the caption.
+        return None if existing.endswith(". " + caption) else _joined(existing, caption)
+    return None if existing.startswith(_joined(caption, "")) else _joined(caption, existing.strip())
 
 
 def write_sidecars(
@@ -117,8 +125,9 @@ def write_sidecars(
             written.append(target)
     if options.json:
         target = sidecar_path(image, ".json", also_in=also_in)
-        if options.mode != "skip" or not target.exists():
-            write_atomic(target, json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+        text = json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n"
+        if not target.exists() or (options.mode != "skip" and target.read_bytes() != text.encode()):
+            write_atomic(target, text)
             written.append(target)
     return written
 
@@ -130,6 +139,24 @@ def _relative_target(image: Path, inbox: str | None, tree: str) -> Path:
     except ValueError:
         relative = Path(image.name)
     return Path(tree) / relative
+
+
+def already_moved(image: Path, inbox: str | None, tree: str | None) -> bool:
+    """Whether the image is already where a move to ``tree`` puts images.
+
+    A move is repeated by a second finisher of one job or by a repair of a dead worker's outputs;
+    moving `done/album/a.png` again would nest it as `done/done/album/a.png`. A tree that holds
+    the inbox (`--done-dir ~` for `~/inbox`) holds every image: there, only what lies outside
+    the inbox has been moved.
+    """
+    if not tree:
+        return False
+    target = Path(tree)
+    if not inbox:
+        return image.parent == target
+    if not image.is_relative_to(target):
+        return False
+    return target.is_relative_to(inbox) or not image.is_relative_to(inbox)
 
 
 def _move(source: Path, target: Path) -> Path:
@@ -154,7 +181,7 @@ def finish_done(image: Path, options: OutputOptions, *, caption: str, record: di
     """
     if not image.exists():
         return image
-    if not options.done_dir:
+    if not options.done_dir or already_moved(image, options.inbox, options.done_dir):
         write_sidecars(image, options, caption=caption, record=record)
         return image
     moved = _move(image, _relative_target(image, options.inbox, options.done_dir))
@@ -166,7 +193,10 @@ def finish_failed(image: Path, options: OutputOptions, *, reason: str) -> Path:
     """Move a failed image to the failed tree with `name.error.txt` giving the reason, if asked."""
     if not options.failed_dir or not image.exists():
         return image
-    moved = _move(image, _relative_target(image, options.inbox, options.failed_dir))
+    if already_moved(image, options.inbox, options.failed_dir):
+        moved = image
+    else:
+        moved = _move(image, _relative_target(image, options.inbox, options.failed_dir))
     write_atomic(moved.with_name(moved.name + ".error.txt"), reason + "\n")
     return moved
 
@@ -201,31 +231,64 @@ def sidecar_record(job: JobPublic) -> dict[str, Any]:
     }
 
 
+def has_sidecar(image: Path, suffix: str) -> bool:
+    """Whether the image has its `suffix` sidecar, under either name: one written while a twin of
+    the same stem shared the folder (the folder it was moved out of, perhaps) has the full name."""
+    return image.with_name(image.name + suffix).exists() or sidecar_path(image, suffix).exists()
+
+
+def _tree_for(status: str, options: OutputOptions) -> str | None:
+    if status == JobStatus.done.value:
+        return options.done_dir
+    return options.failed_dir if status == JobStatus.failed.value else None
+
+
+def _moved_copy(image: Path, options: OutputOptions, tree: str | None, content_hash: str) -> Path | None:
+    """Where a move to ``tree`` put the image, when a finisher died after moving it and before
+    recording its new path; None unless the file found there is this image (same content)."""
+    if not tree or image.exists():
+        return None
+    target = _relative_target(image, options.inbox, tree)
+    try:
+        return target if hash_file(target)[0] == content_hash else None
+    except OSError:
+        return None
+
+
 def outputs_missing(engine: Engine, job_id: int) -> bool:
-    """Whether a finished job's outputs were never written: a sidecar it asks for is absent, or
-    its image still waits where a move would have taken it from."""
+    """Whether a finished job's outputs were never written: a sidecar it asks for is absent, its
+    image still waits where a move would have taken it from, or its move went unrecorded.
+
+    An image already in the done or failed tree has been moved: moving it again would nest it
+    (`done/done/album/a.png`), so only its sidecars are looked at.
+    """
     with Session(engine) as session:
         job = session.get(Job, job_id)
         if job is None:
             return False
         options = OutputOptions.from_json(job.outputs)
-        image, status = Path(job.path), job.status
+        image, status, content_hash = Path(job.path), job.status, job.content_hash
+    tree = _tree_for(status, options)
+    if _moved_copy(image, options, tree, content_hash) is not None:
+        return True
     if not image.exists():
         return False
+    if tree and not already_moved(image, options.inbox, tree):
+        return True
     if status == JobStatus.done.value:
-        if options.done_dir:
-            return True
-        return (options.txt and not sidecar_path(image, ".txt").exists()) or (
-            options.json and not sidecar_path(image, ".json").exists()
+        return (options.txt and not has_sidecar(image, ".txt")) or (
+            options.json and not has_sidecar(image, ".json")
         )
-    return status == JobStatus.failed.value and bool(options.failed_dir)
+    return bool(tree) and not image.with_name(image.name + ".error.txt").exists()
 
 
 def finish_job_outputs(engine: Engine, job_id: int) -> Path | None:
     """Write the sidecars or move the image, as the finished job asks; its image's path after.
 
-    Called by the worker right after it stores the result, and by the watcher for done jobs whose
-    sidecar is missing (a worker that died between the two), so the files follow the database.
+    Called by the worker right after it stores the result, and by the repairs of a dead worker's
+    outputs (`liveness.finish_outputs_of_dead`, the watcher's rescan), so the files follow the
+    database. Calling it again changes nothing: an image already moved stays where it is, and
+    a sidecar that holds its caption is not written twice.
     """
     with Session(engine) as session:
         row = session.get(Job, job_id)
@@ -236,10 +299,11 @@ def finish_job_outputs(engine: Engine, job_id: int) -> Path | None:
     image = Path(job.path)
     if not options.active:
         return image
+    where = _moved_copy(image, options, _tree_for(job.status, options), job.content_hash) or image
     if job.status == JobStatus.done.value and job.caption is not None:
-        moved = finish_done(image, options, caption=job.caption, record=sidecar_record(job))
+        moved = finish_done(where, options, caption=job.caption, record=sidecar_record(job))
     elif job.status == JobStatus.failed.value:
-        moved = finish_failed(image, options, reason=job.error or "failed")
+        moved = finish_failed(where, options, reason=job.error or "failed")
     else:
         return image
     if moved != image:

@@ -37,7 +37,7 @@ from joycap_queue.queue import make_celery
 from joycap_queue.requeue import requeue_lost
 from joycap_queue.sidecars import (
     finish_job_outputs,
-    sidecar_path,
+    has_sidecar,
     sidecar_record,
     write_sidecars,
 )
@@ -326,8 +326,8 @@ class FolderWatcher:
             image = Path(path)
             if not image.exists() or not state.is_candidate(image):
                 continue
-            missing = (outputs.txt and not sidecar_path(image, ".txt").exists()) or (
-                outputs.json and not sidecar_path(image, ".json").exists()
+            missing = (outputs.txt and not has_sidecar(image, ".txt")) or (
+                outputs.json and not has_sidecar(image, ".json")
             )
             if missing:
                 assert job_id is not None

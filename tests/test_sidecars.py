@@ -6,21 +6,27 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlmodel import Session
 
+from joycap_queue import db
 from joycap_queue.errors import OptionError
+from joycap_queue.images import hash_file
+from joycap_queue.models import Job
 from joycap_queue.sidecars import (
     OutputOptions,
     finish_done,
     finish_failed,
+    finish_job_outputs,
     merge_caption,
+    outputs_missing,
     sidecar_path,
     write_sidecars,
 )
 
 
-def image(path: Path) -> Path:
+def image(path: Path, color: str = "black") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4)).save(path)
+    Image.new("RGB", (4, 4), color).save(path)
     return path
 
 
@@ -34,6 +40,14 @@ def image(path: Path) -> Path:
         ("old.", "append", "old. new"),
         ("old\n", "prepend", "new. old"),
         ("", "append", "new"),
+        # Already there where the mode puts it: left alone, never added twice.
+        ("new", "append", None),
+        ("old. new", "append", None),
+        ("new. old", "prepend", None),
+        ("new", "overwrite", None),
+        # Only the caption as a whole counts, not a word that ends or starts the text.
+        ("a renewed", "append", "a renewed. new"),
+        ("newer things", "prepend", "new. newer things"),
     ],
 )
 def test_merge_modes(existing: str | None, mode: str, expected: str | None) -> None:
@@ -93,3 +107,88 @@ def test_finish_moves_keep_relative_paths(tmp_path: Path) -> None:
         finish_done(again, options, caption="another cat", record={})
         == tmp_path / "done" / "cats" / "tom.1.png"
     )
+
+
+def test_finishing_an_image_already_moved_moves_it_no_further(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    options = OutputOptions(
+        txt=True, inbox=str(inbox), done_dir=str(inbox / "done"), failed_dir=str(inbox / "failed")
+    )
+    moved = finish_done(image(inbox / "album" / "a.png"), options, caption="a cat", record={})
+    assert moved == inbox / "done" / "album" / "a.png"
+    # A second finisher of the job, or a repair of a dead worker's outputs, finds it moved.
+    assert finish_done(moved, options, caption="a cat", record={}) == moved
+    failed = finish_failed(image(inbox / "album" / "b.png"), options, reason="broken")
+    assert finish_failed(failed, options, reason="broken") == failed == inbox / "failed" / "album" / "b.png"
+    assert not (inbox / "done" / "done").exists() and not (inbox / "failed" / "failed").exists()
+    assert (inbox / "done" / "album" / "a.txt").read_text() == "a cat"
+    # A done tree that holds the inbox holds every image: those in the inbox still move.
+    wide = OutputOptions(txt=True, inbox=str(inbox), done_dir=str(tmp_path))
+    still = finish_done(image(inbox / "c.png"), wide, caption="a dog", record={})
+    assert still == tmp_path / "c.png"
+    assert finish_done(still, wide, caption="a dog", record={}) == still
+
+
+def _done_job(url: str, picture: Path, options: OutputOptions, caption: str) -> int:
+    engine = db.get_engine(url)
+    content_hash, size = hash_file(picture)
+    with Session(engine) as session:
+        row = {
+            "path": str(picture),
+            "content_hash": content_hash,
+            "size_bytes": size,
+            "profile": "beta-one",
+            "prompt": "Write a short detailed description for this image.",
+            "model": "m",
+            "dedup_key": content_hash,
+            "outputs": options.to_json(),
+        }
+        [job_id] = db.insert_jobs(session, [row]).values()
+        session.commit()
+    assert db.claim_job(engine, job_id, worker="w", max_attempts=3).job is not None
+    assert db.complete_job(engine, job_id, caption=caption, prompt_tokens=1, output_tokens=1)
+    return job_id
+
+
+def test_repairing_a_finished_jobs_outputs_twice_changes_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    engine = db.get_engine(sqlite_url)
+    options = OutputOptions(txt=True, mode="append", inbox=str(inbox), done_dir=str(inbox / "done"))
+    job_id = _done_job(sqlite_url, image(inbox / "album" / "a.png"), options, "a cat")
+    moved = inbox / "done" / "album" / "a.png"
+    assert outputs_missing(engine, job_id)
+    assert finish_job_outputs(engine, job_id) == moved
+    assert not outputs_missing(engine, job_id)
+    assert finish_job_outputs(engine, job_id) == moved
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.path == str(moved)
+    assert (inbox / "done" / "album" / "a.txt").read_text() == "a cat"
+    assert not (inbox / "done" / "done").exists()
+
+
+def test_a_move_its_finisher_died_before_recording_is_found_and_recorded(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    engine = db.get_engine(sqlite_url)
+    options = OutputOptions(txt=True, inbox=str(inbox), done_dir=str(inbox / "done"))
+    original = image(inbox / "album" / "a.png")
+    job_id = _done_job(sqlite_url, original, options, "a cat")
+    # The worker moved the image and died before writing its sidecar and its new path.
+    moved = inbox / "done" / "album" / "a.png"
+    moved.parent.mkdir(parents=True)
+    original.rename(moved)
+    assert outputs_missing(engine, job_id)
+    assert finish_job_outputs(engine, job_id) == moved
+    assert (inbox / "done" / "album" / "a.txt").read_text() == "a cat"
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.path == str(moved)
+    assert not outputs_missing(engine, job_id)
+    # Another file under that name is not this image: nothing is claimed for it.
+    other = _done_job(sqlite_url, image(inbox / "album" / "b.png", "white"), options, "a dog")
+    (inbox / "album" / "b.png").unlink()
+    Image.new("RGB", (5, 5), "red").save(inbox / "done" / "album" / "b.png")
+    assert not outputs_missing(engine, other)
+    assert finish_job_outputs(engine, other) == inbox / "album" / "b.png"
