@@ -325,3 +325,40 @@ def test_hostile_files_fail_with_their_reasons_and_the_watcher_goes_on(
         assert by_name[path.name].status == "done", (path.name, by_name[path.name].error)
     (inbox / "after.png").write_bytes(png_bytes(701))  # and it still takes new files
     wait_until(lambda: handle.alive() and all_done(sqlite_url, total + 1)(), timeout=60, what="a new file")
+
+
+def test_a_copy_of_a_known_image_gets_its_caption_once_across_restarts(
+    sqlite_url: str,
+    service_for: Callable[[str], Service],
+    start_watcher: Callable[..., RunningWatcher],
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    original = inbox / "original.png"
+    original.write_bytes(png_bytes(800))
+    service = service_for(sqlite_url)
+    service.start_worker()
+    first = start_watcher(service, inbox, sidecar_mode="append")
+    wait_until(all_done(sqlite_url, 1), timeout=60, what="the original")
+    wait_until((inbox / "original.txt").exists, timeout=30, what="the original's sidecar")
+    # A copy under another name, with tags of its own: it gets the known caption appended.
+    copy_txt = inbox / "copy.txt"
+    copy_txt.write_text("hand tags")
+    shutil.copy(original, inbox / "copy.png")
+    wait_until(lambda: copy_txt.read_text() != "hand tags", timeout=30, what="the copy's caption")
+    [job] = jobs(sqlite_url)
+    expected = f"hand tags. {job.caption}"
+    assert copy_txt.read_bytes().decode() == expected
+    first.stop()
+
+    second = start_watcher(service, inbox, sidecar_mode="append")
+    wait_until(
+        lambda: second.alive() and second.verdict(inbox / "copy.png") == "taken",
+        timeout=30,
+        what="the restarted watcher to take the copy again",
+    )
+    second.wait_for_rescan()  # the intake that found the copy, and its sidecars, have returned
+    assert copy_txt.read_bytes().decode() == expected
+    assert (inbox / "original.txt").read_bytes().decode() == job.caption
+    assert len(jobs(sqlite_url)) == 1
