@@ -142,3 +142,51 @@ def reuse_redis_clients() -> None:
 
     _create_client.reuses_clients = True  # type: ignore[attr-defined]
     kombu_redis.Channel._create_client = _create_client  # type: ignore[method-assign]
+
+
+# Task events (received, succeeded) published together at most this often: Flower sees them a
+# few milliseconds later, and the consumer makes one Redis round trip per window instead of one
+# per event (about 0.4 ms of the consumer thread per job, measured with py-spy on bench overhead).
+EVENT_FLUSH_S = 0.02
+
+
+def batch_task_events(window_s: float = EVENT_FLUSH_S) -> None:
+    """Let Celery's consumer flush its buffered task events once per ``window_s``, not per event.
+
+    Celery already buffers task events and publishes a buffer as one ``task.multi`` message, but
+    it schedules a flush for every event, so with a job every few milliseconds each flush carries
+    one. Here the first event of a window schedules the flush (on the consumer's own loop, which
+    is the only thread that touches its timer) and the others join it. Only the worker calls this.
+    """
+    from celery.worker.consumer.consumer import Consumer
+    from vine import promise
+
+    original = Consumer.on_send_event_buffered
+    if getattr(original, "batches_events", False):
+        return
+
+    def on_send_event_buffered(self: Any) -> None:
+        hub = self.hub
+        if hub is None:
+            return original(self)
+        scheduler = self.__dict__.get("_joycap_schedule")
+        if scheduler is None:
+            scheduler = self.__dict__["_joycap_schedule"] = promise(lambda: _schedule_flush(self, window_s))
+        hub.call_soon(scheduler)  # thread-safe: pool threads send task-succeeded events too
+        return None
+
+    on_send_event_buffered.batches_events = True  # type: ignore[attr-defined]
+    Consumer.on_send_event_buffered = on_send_event_buffered
+
+
+def _schedule_flush(consumer: Any, window_s: float) -> None:
+    # On the consumer's loop thread: one flush per window.
+    if consumer.__dict__.get("_joycap_flush_due"):
+        return
+    consumer.__dict__["_joycap_flush_due"] = True
+
+    def flush() -> None:
+        consumer.__dict__["_joycap_flush_due"] = False
+        consumer._flush_events()
+
+    consumer.hub.call_later(window_s, flush)

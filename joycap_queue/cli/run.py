@@ -220,7 +220,7 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
             err=True,
         )
     load_captioner(settings)
-    from worker.runtime import get_batcher, install_shutdown_grace, reuse_redis_clients
+    from worker.runtime import batch_task_events, get_batcher, install_shutdown_grace, reuse_redis_clients
 
     try:
         stream = get_batcher(settings)
@@ -233,6 +233,7 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     settings = settings.model_copy(update={"batch_size": stream.max_batch_size})
     install_shutdown_grace(settings.shutdown_grace_s)
     reuse_redis_clients()
+    batch_task_events()
     # The generate thread releases the GIL around every torch op and must get it back at once;
     # at the default 5 ms a task thread holding it (decoding, the database) slowed each batch by
     # about 12% on the tiny model (bench/batching.py).
