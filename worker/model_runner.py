@@ -83,10 +83,14 @@ class ModelRunner:
         self.positions = torch.full((slots,), self.parked, dtype=torch.int64, device=self.device)
         self._stop_ids = torch.tensor(captioner.encoder.stop_ids, device=self.device)
         self._eager_mask = text_config._attn_implementation == "eager"
-        # False runs the CPU through what a GPU runs (the library's attention, every slot's whole
+        # False runs the CPU through what a GPU runs (the GPU's attention, every slot's whole
         # length each step), so the tests cover the arithmetic the CUDA graphs capture.
         fast = cpu_fast_path and self.device.type == "cpu"
-        self._slot_kwargs = {"slot_gqa": True} if fast and use_slot_attention(model) else {}
+        ours = use_slot_attention(model)
+        # Prefill: the CPU's grouped-query SDPA; on a GPU the library's (its fused kernels).
+        self._slot_kwargs = {"slot_gqa": True} if fast and ours else {}
+        # Decode: the same on the CPU; on a GPU grouped matmuls, which read each KV head once.
+        self._decode_kwargs = self._slot_kwargs if fast else ({"slot_decode": True} if ours else {})
         # The CPU skips the sampling ops while nobody samples; a CUDA graph always runs them.
         self.all_greedy = False
         self.graphs: DecodeGraphs | None = None
@@ -206,7 +210,7 @@ class ModelRunner:
             position_ids=positions[:, None],
             attention_mask=self._mask(visible[:, None, None, :]),
             **{self._cache_name: self.cache.for_decode(count, positions, kv_length)},
-            **self._slot_kwargs,
+            **self._decode_kwargs,
             use_cache=True,
         ).last_hidden_state
         logits = self._lm_head(hidden[:, -1]).float()

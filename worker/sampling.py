@@ -95,7 +95,9 @@ def constrain_stops(logits: torch.Tensor, controls: RowControls, stop_ids: torch
     logits[:, stop_ids] = torch.where(banned[:, None], torch.finfo(logits.dtype).min, stop_logits)
     forced = (controls.forced_end > 0) & (step == controls.forced_end - 1)
     only_stop = torch.full_like(logits, torch.finfo(logits.dtype).min)
-    only_stop[:, stop_ids[0]] = 0.0
+    # A 1-element index tensor, not stop_ids[0]: indexing with a 0-d tensor reads it on the host,
+    # which a CUDA graph cannot capture.
+    only_stop[:, stop_ids[:1]] = 0.0
     logits.copy_(torch.where(forced[:, None], only_stop, logits))
 
 

@@ -116,6 +116,7 @@ def slot_attention(
     dropout: float = 0.0,
     slot_gqa: bool = False,
     slot_causal: bool = False,
+    slot_decode: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, except for the engine's CPU forwards (``slot_gqa=True``).
@@ -124,6 +125,8 @@ def slot_attention(
     CPU, SDPA's own grouped-query path with the mask was 2x faster on the tiny model, and the
     engine always has a mask (each slot at its own length). Everything else goes to the library.
     """
+    if slot_decode:
+        return _grouped_decode(query, key, value, attention_mask, scaling), None
     if not slot_gqa:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -136,6 +139,33 @@ def slot_attention(
         query, key, value, attn_mask=mask, scale=scaling, is_causal=slot_causal, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _grouped_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query token per row against the slots' keys, each KV head read once for its group.
+
+    With a mask, SDPA on CUDA needs every KV head repeated for its query heads first: for 256
+    slots of Llama 3.1 8B that copies 4x the whole KV cache per layer and step. A decode step has
+    one query per row, so plain batched matmuls over ``[rows, kv heads, group, ...]`` read each
+    key and value once; the softmax runs in float32, as transformers' eager attention does.
+    """
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling or dim**-0.5)
+    if mask is not None:
+        visible = mask.reshape(rows, 1, 1, -1)
+        scores = (
+            scores.masked_fill(~visible, float("-inf")) if visible.dtype == torch.bool else scores + visible
+        )
+    out = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous()
 
 
 def use_slot_attention(model: Any) -> bool:
