@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Table, bindparam, case, delete, event, func, inspect, or_, update
+from sqlalchemy import Table, bindparam, case, event, func, inspect, or_, update
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -35,6 +35,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 
 from joycap_queue.config import mask_url
 from joycap_queue.errors import OptionError, ServiceUnavailable
+from joycap_queue.leases import fresh
 from joycap_queue.models import Endpoint, Job, JobPublic, JobStatus, Submission, Watcher, utcnow
 from joycap_queue.search import WhereClause, caption_matches, ensure_search_index
 
@@ -134,6 +135,8 @@ def _create_schema(engine: Engine, *, attempts: int = 5) -> None:
 ADDED_COLUMNS = {
     ("job", "isolation"): "ALTER TABLE job ADD COLUMN isolation INTEGER NOT NULL DEFAULT 0",
     ("job", "claim_id"): "ALTER TABLE job ADD COLUMN claim_id VARCHAR(64)",
+    ("watcher", "owner"): "ALTER TABLE watcher ADD COLUMN owner VARCHAR(64)",
+    ("endpoint", "owner"): "ALTER TABLE endpoint ADD COLUMN owner VARCHAR(64)",
 }
 
 
@@ -543,80 +546,13 @@ def latest_submission_id(session: Session) -> int | None:
     return session.exec(select(func.max(Submission.id))).one()
 
 
-def acquire_watcher(engine: Engine, *, inbox: str, host: str, pid: int, stale_after: timedelta) -> int | None:
-    """Take the inbox's watcher row (the lock); None while another live watcher holds it.
-
-    A row whose heartbeat is older than ``stale_after`` belongs to a watcher that died; it is
-    taken over, in one conditional UPDATE so two newcomers cannot both win.
-    """
-    now = utcnow()
-    with Session(engine) as session:
-        try:
-            row = Watcher(inbox=inbox, host=host, pid=pid, started_at=now, heartbeat_at=now)
-            session.add(row)
-            session.commit()
-            return row.id
-        except IntegrityError:
-            session.rollback()
-        result = session.execute(
-            update(Watcher)
-            .where(col(Watcher.inbox) == inbox, col(Watcher.heartbeat_at) < now - stale_after)
-            .values(host=host, pid=pid, started_at=now, heartbeat_at=now, seen=0, queued=0, waiting=0)
-        )
-        session.commit()
-        if not result.rowcount:  # type: ignore[attr-defined]
-            return None
-        return session.exec(select(Watcher.id).where(Watcher.inbox == inbox)).one()
-
-
-def heartbeat_watcher(engine: Engine, watcher_id: int, **counters: int | None) -> None:
-    with Session(engine) as session:
-        session.execute(
-            update(Watcher).where(col(Watcher.id) == watcher_id).values(heartbeat_at=utcnow(), **counters)
-        )
-        session.commit()
-
-
-def release_watcher(engine: Engine, watcher_id: int) -> None:
-    with Session(engine) as session:
-        session.execute(delete(Watcher).where(col(Watcher.id) == watcher_id))
-        session.commit()
-
-
 def active_watchers(session: Session, *, stale_after: timedelta) -> list[Watcher]:
-    query = (
-        select(Watcher)
-        .where(col(Watcher.heartbeat_at) >= utcnow() - stale_after)
-        .order_by(col(Watcher.inbox))
-    )
+    query = select(Watcher).where(fresh(Watcher, stale_after)).order_by(col(Watcher.inbox))
     return list(session.exec(query))
 
 
-def register_endpoint(engine: Engine, *, kind: str, url: str, host: str, pid: int) -> int:
-    with Session(engine) as session:
-        row = Endpoint(kind=kind, url=url, host=host, pid=pid)
-        session.add(row)
-        session.commit()
-        assert row.id is not None
-        return row.id
-
-
-def heartbeat_endpoint(engine: Engine, endpoint_id: int) -> None:
-    with Session(engine) as session:
-        session.execute(update(Endpoint).where(col(Endpoint.id) == endpoint_id).values(heartbeat_at=utcnow()))
-        session.commit()
-
-
-def release_endpoint(engine: Engine, endpoint_id: int) -> None:
-    with Session(engine) as session:
-        session.execute(delete(Endpoint).where(col(Endpoint.id) == endpoint_id))
-        session.commit()
-
-
 def active_endpoints(session: Session, *, kind: str, stale_after: timedelta) -> list[Endpoint]:
-    query = select(Endpoint).where(
-        Endpoint.kind == kind, col(Endpoint.heartbeat_at) >= utcnow() - stale_after
-    )
+    query = select(Endpoint).where(Endpoint.kind == kind, fresh(Endpoint, stale_after))
     return list(session.exec(query.order_by(col(Endpoint.id))))
 
 

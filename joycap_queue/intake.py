@@ -21,6 +21,7 @@ from joycap_queue.config import Settings
 from joycap_queue.images import Discovered, ImageError, discover, file_error_reason, hash_file, probe_image
 from joycap_queue.models import Job, JobStatus, Submission, utcnow
 from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
+from joycap_queue.recovery import resend_queued
 from joycap_queue.request import CaptionRequest, dedup_key
 from joycap_queue.sidecars import OutputOptions, finish_failed
 
@@ -44,6 +45,10 @@ class EnqueueSummary:
     # (this path, that job's id), so the watcher can give the copy its sidecars too.
     twins: list[tuple[Path, int]] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
+    # "Already queued" jobs found without a message (an earlier submit interrupted between its
+    # commit and its send) and sent now.
+    resent: int = 0
+    waiting_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +165,7 @@ def enqueue_images(
                 _flush(session, app, settings, pending, summary, force=force)
                 pending = []
         _flush(session, app, settings, pending, summary, force=force)
+        summary.resent = resend_queued(settings, app, summary.waiting_ids)
         counts = asdict(summary)
         # getattr, not model_dump: after the commits above the attributes are expired, and only
         # attribute access reloads them.
@@ -218,6 +224,8 @@ def _flush(
             summary.rejections.append((item.row["path"], "failed before; use --force to try again"))
         else:
             summary.already_queued += 1
+            if found is not None and status == JobStatus.queued.value:
+                summary.waiting_ids.append(found.id)
     if to_reset:
         db.reset_jobs(session, to_reset, submission_id=summary.submission_id)
         _clear_run_alone(session, to_reset)

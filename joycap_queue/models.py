@@ -102,6 +102,8 @@ class Watcher(SQLModel, table=True):
     inbox: str = Field(sa_column=Column(Text, nullable=False, unique=True))
     host: str = Field(max_length=255)
     pid: int
+    # The holder's token (leases.py): a write by a holder whose lock was taken over changes nothing.
+    owner: str | None = Field(default=None, max_length=64)
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
     submission_id: int | None = Field(default=None, foreign_key="submission.id")
@@ -118,6 +120,7 @@ class Endpoint(SQLModel, table=True):
     url: str = Field(sa_column=Column(Text, nullable=False))
     host: str = Field(max_length=255)
     pid: int
+    owner: str | None = Field(default=None, max_length=64)  # as Watcher.owner
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
 

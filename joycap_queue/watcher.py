@@ -26,15 +26,15 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from joycap_queue import db
+from joycap_queue import db, leases
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
 from joycap_queue.images import decodes_completely, has_end_marker
 from joycap_queue.inbox import InboxState, NoticeHandler, Pending, walk_candidates
 from joycap_queue.intake import enqueue_images
-from joycap_queue.models import Job, JobPublic, JobStatus, Watcher, utcnow
+from joycap_queue.models import Job, JobPublic, JobStatus, utcnow
 from joycap_queue.queue import make_celery
-from joycap_queue.requeue import requeue_lost
+from joycap_queue.recovery import recover
 from joycap_queue.sidecars import (
     finish_job_outputs,
     has_sidecar,
@@ -84,6 +84,11 @@ class FolderWatcher:
         self.stop_event = threading.Event()
         self.observer: BaseObserver | None = None
         self.rescans = 0  # completed rescans (see `rescan`)
+        # The inbox locks (leases.py), beaten from a thread of their own: the main loop blocks
+        # for longer than a lock lives (start-up scans, full decodes, SQLite busy waits).
+        self.locks: dict[Path, leases.Lease] = {}
+        self.lock_beat: leases.Beat | None = None
+        self.lost_lock: Path | None = None
 
     @staticmethod
     def _excluded(config: InboxConfig) -> tuple[Path, ...]:
@@ -95,31 +100,32 @@ class FolderWatcher:
         """Take every inbox's lock or none: a second watcher on an inbox must not start."""
         host, pid = socket.gethostname(), os.getpid()
         for state in self.states:
-            watcher_id = db.acquire_watcher(
+            lock = leases.take_inbox(
                 self.engine, inbox=str(state.root), host=host, pid=pid, stale_after=STALE_AFTER
             )
-            if watcher_id is None:
-                holder = self._holder(str(state.root))
+            if lock is None:
+                holder = leases.holder(self.engine, str(state.root))
                 self.release()
                 raise JoycapError(f"another watcher is already active on {state.root} ({holder})")
-            state.watcher_id = watcher_id
-
-    def _holder(self, inbox: str) -> str:
-        with Session(self.engine) as session:
-            row = session.exec(select(Watcher).where(Watcher.inbox == inbox)).first()
-        return f"pid {row.pid} on {row.host}" if row else "unknown"
+            self.locks[state.root] = lock
+            state.watcher_id = lock.id
 
     def release(self) -> None:
+        if self.lock_beat is not None:
+            self.lock_beat.stop()
+            self.lock_beat = None
         for state in self.states:
-            if state.watcher_id is not None:
-                db.release_watcher(self.engine, state.watcher_id)
-                state.watcher_id = None
+            lock = self.locks.pop(state.root, None)
+            if lock is not None:
+                leases.release(self.engine, lock)  # owner-checked: a lock taken over stays its new holder's
+            state.watcher_id = None
 
     def start(self) -> None:
         self.acquire()
+        self.lock_beat = leases.Beat(HEARTBEAT_S, self.heartbeat, name="watcher-lock").start()
         # A watcher that starts after Redis lost its data would otherwise skip the inbox's
         # images as "already queued" while no message exists for them.
-        requeue_lost(self.settings)
+        recover(self.settings, self.app, wait=60.0)
         self.observer = PollingObserver(timeout=self.polling_interval) if self.polling else Observer()
         for state in self.states:
             self.observer.schedule(
@@ -146,11 +152,12 @@ class FolderWatcher:
         """Watch until `stop()`, releasing the inbox locks on the way out.
 
         ``on_tick`` runs every tick on this thread; what it raises ends the watch (`up` uses it
-        to notice a worker that died).
+        to notice a worker that died). A watcher that lost an inbox's lock to another stops,
+        raising `JoycapError`.
         """
-        self.start()
         try:
-            last_rescan = last_heartbeat = time.time()
+            self.start()
+            last_rescan = time.time()
             while not self.stop_event.is_set():
                 if on_tick is not None:
                     on_tick()
@@ -161,11 +168,10 @@ class FolderWatcher:
                 if now - last_rescan >= self.rescan_seconds:
                     last_rescan = now
                     self.rescan(now)
-                if now - last_heartbeat >= HEARTBEAT_S:
-                    last_heartbeat = now
-                    self.heartbeat()
         finally:
             self.close()
+        if self.lost_lock is not None:
+            raise JoycapError(f"lost the lock on {self.lost_lock} to another watcher; stopped")
 
     # -- what one tick does ----------------------------------------------------------------
     def rescan(self, now: float) -> None:
@@ -334,13 +340,14 @@ class FolderWatcher:
                 finish_job_outputs(self.engine, job_id)
 
     def heartbeat(self) -> None:
+        """Renew every inbox lock (on the lock thread); one found taken over stops the watcher."""
         for state in self.states:
-            if state.watcher_id is not None:
-                db.heartbeat_watcher(
-                    self.engine,
-                    state.watcher_id,
-                    seen=state.seen,
-                    queued=state.queued,
-                    waiting=len(state.pending),
-                    submission_id=state.submission_id,
-                )
+            lock = self.locks.get(state.root)
+            if lock is None:
+                continue
+            counters = {"seen": state.seen, "queued": state.queued, "waiting": len(state.pending)}
+            if not leases.renew(self.engine, lock, submission_id=state.submission_id, **counters):
+                log.error("%s: another watcher took this inbox's lock over; stopping", state.root)
+                self.locks.pop(state.root, None)
+                self.lost_lock = state.root
+                self.stop()

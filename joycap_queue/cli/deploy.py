@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from typing import Any
 import click
 from sqlalchemy.engine import Engine, make_url
 
-from joycap_queue import db
+from joycap_queue import db, leases
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
@@ -113,29 +112,26 @@ def start_flower(
     return url
 
 
-class EndpointHeartbeat(threading.Thread):
-    """Keeps Flower's URL in the database while it runs, so `status` can show it."""
+class EndpointHeartbeat:
+    """Keeps Flower's URL in the database while it runs, so `status` can show it.
 
-    def __init__(self, engine: Engine, endpoint_id: int) -> None:
-        super().__init__(daemon=True)
-        self.engine, self.endpoint_id, self.stopped = engine, endpoint_id, threading.Event()
+    A lease (leases.py): beaten by the database's clock from a thread that survives the database
+    being away, and registered again if its row was removed meanwhile.
+    """
 
-    def run(self) -> None:
-        while not self.stopped.wait(FLOWER_HEARTBEAT_S):
-            db.heartbeat_endpoint(self.engine, self.endpoint_id)
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.lease = leases.EndpointLease(
+            engine, kind="flower", url=url, host=socket.gethostname(), pid=os.getpid()
+        ).take()
+        self.beat = leases.Beat(FLOWER_HEARTBEAT_S, self.lease.renew, name="flower-endpoint").start()
 
     def stop(self) -> None:
-        self.stopped.set()
-        db.release_endpoint(self.engine, self.endpoint_id)
+        self.beat.stop()
+        self.lease.release()
 
 
 def announce_flower(engine: Engine, url: str) -> EndpointHeartbeat:
-    endpoint_id = db.register_endpoint(
-        engine, kind="flower", url=url, host=socket.gethostname(), pid=os.getpid()
-    )
-    beat = EndpointHeartbeat(engine, endpoint_id)
-    beat.start()
-    return beat
+    return EndpointHeartbeat(engine, url)
 
 
 def _stop_on_sigterm() -> None:
