@@ -24,8 +24,9 @@ def test_worker_retries_its_writes_while_postgres_is_away(
     through_proxy = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     image_factory(tmp_path / "in", 2)
     service = service_for(through_proxy)
-    # The two jobs wait 4 s for batchmates, so their captions are ready while the database is gone.
-    service.env["JOYCAP_BATCH_WAIT_MS"] = "4000"
+    # The two jobs wait 20 s for batchmates, so their captions are computed only after the test
+    # has cut the database (4 s was too short on a loaded machine: the captions got stored first).
+    service.env["JOYCAP_BATCH_WAIT_MS"] = "20000"
     worker = service.start_worker("--engine", "generate", "-b", "8")
     service.cli("submit", str(tmp_path / "in"))
     wait_until(
@@ -35,7 +36,7 @@ def test_worker_retries_its_writes_while_postgres_is_away(
     )
     proxy.cut()
     try:
-        wait_until(lambda: "database write failed" in worker.log(), timeout=30, what="a failed write")
+        wait_until(lambda: "database write failed" in worker.log(), timeout=60, what="a failed write")
         time.sleep(3)  # more retries, with backoff
     finally:
         proxy.resume()
