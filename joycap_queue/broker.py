@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from joycap_queue.queue import CAPTION_TASK
+from joycap_queue.queue import CAPTION_TASK, queues_key
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,18 @@ def caption_job_of(message: dict[str, Any]) -> tuple[int | None, str | None]:
     return job_id, headers.get("id")
 
 
+def routed_queues(channel: Any, queue: str) -> list[str]:
+    """The base queue and every model queue under it that messages were sent to."""
+    members = channel.client.smembers(queues_key(queue))
+    return [queue, *sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)]
+
+
 def waiting_messages(channel: Any, queue: str) -> Iterator[tuple[bytes, CaptionMessage]]:
-    """(list key, message) for every caption message waiting in the queue, at every priority."""
+    """(list key, message) for every caption message waiting under the base queue ``queue``
+    (in it and in its model queues), at every priority."""
     client = channel.client
-    for priority in channel.priority_steps:
-        key = channel._q_for_pri(queue, priority)
+    for name, priority in [(q, p) for q in routed_queues(channel, queue) for p in channel.priority_steps]:
+        key = channel._q_for_pri(name, priority)
         start = 0
         # Workers pop from the right while this reads from the left, so nothing is skipped.
         while chunk := client.lrange(key, start, start + 999):
@@ -61,13 +68,15 @@ def waiting_messages(channel: Any, queue: str) -> Iterator[tuple[bytes, CaptionM
 
 
 def held_messages(channel: Any, queue: str) -> Iterator[CaptionMessage]:
-    """Caption messages delivered to a worker and not yet acknowledged."""
+    """Caption messages of the base queue ``queue`` (or its model queues) delivered to a worker
+    and not yet acknowledged."""
+    queues = set(routed_queues(channel, queue))
     for tag, payload in channel.client.hscan_iter(channel.unacked_key):
         try:
             message, _exchange, routing_key = json.loads(payload)
         except (ValueError, TypeError):
             continue
-        if routing_key != queue:
+        if routing_key not in queues:
             continue
         job_id, task_id = caption_job_of(message)
         if job_id is not None:

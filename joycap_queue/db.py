@@ -576,3 +576,15 @@ def job_conditions(
     if search:
         conditions.append(caption_matches(session, search))
     return conditions
+
+
+def models_of(engine: Engine, job_ids: Sequence[int]) -> list[tuple[int, str]]:
+    """(job id, model) for each job: a message sent again goes to its model's queue."""
+    pairs: list[tuple[int, str]] = []
+    with Session(engine) as session:
+        for start in range(0, len(job_ids), 500):
+            chunk = list(job_ids[start : start + 500])
+            for job_id, model in session.exec(select(Job.id, Job.model).where(col(Job.id).in_(chunk))):
+                if job_id is not None:
+                    pairs.append((job_id, model))
+    return pairs

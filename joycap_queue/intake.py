@@ -235,7 +235,9 @@ def _flush(
     _finish_rejected(session, unique, inserted)
     # Rows are committed first: if sending fails now, the jobs are still in the database as
     # queued, and nothing a worker could receive is missing its row.
-    send_caption_jobs(app, [*inserted_ids(inserted, unique), *to_reset], queue=settings.queue)
+    # One request per enqueue call, so one model: its workers' queue.
+    model = str(pending[0].row["model"])
+    send_caption_jobs(app, [*inserted_ids(inserted, unique), *to_reset], queue=settings.queue, model=model)
 
 
 def _clear_run_alone(session: Session, job_ids: list[int]) -> None:

@@ -26,7 +26,7 @@ from joycap_queue.broker import held_messages, waiting_messages
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError, OptionError
 from joycap_queue.models import DatasetRow, Job, JobStatus, Submission, Watcher, utcnow
-from joycap_queue.queue import make_celery, send_caption_jobs
+from joycap_queue.queue import make_celery, send_by_model
 from joycap_queue.request import CaptionRequest, dedup_key, generation_params, profile_of
 
 RETRY_BATCH = 500
@@ -251,11 +251,11 @@ def retry_jobs(
                 update(Job)
                 .where(*selection.conditions(session, states))
                 .values(**REQUEUED, queued_at=utcnow())
-                .returning(col(Job.id))
+                .returning(col(Job.id), col(Job.model))
             )
-            ids = [int(job_id) for job_id in session.execute(statement).scalars()]
+            routed = [(int(job_id), str(model)) for job_id, model in session.execute(statement)]
             session.commit()
-            summary.queued = send_caption_jobs(app, ids, queue=settings.queue)
+            summary.queued = send_by_model(app, routed, queue=settings.queue)
             return summary
         last_id = 0
         claimed: dict[str, int] = {}
@@ -271,7 +271,7 @@ def retry_jobs(
             last_id = batch[-1].id or last_id
             new = {job.id: changed_columns(job, changes, settings) for job in batch}
             owners = db.existing_jobs(session, [values["dedup_key"] for values in new.values()])
-            ids = []
+            ids: list[tuple[int, str]] = []
             for job in batch:
                 assert job.id is not None
                 key = new[job.id]["dedup_key"]
@@ -287,7 +287,7 @@ def retry_jobs(
                     .where(col(Job.id) == job.id, col(Job.status).in_(list(states)))
                     .values(**new[job.id], **REQUEUED, queued_at=utcnow())
                 )
-                ids.append(job.id)
+                ids.append((job.id, str(new[job.id].get("model", job.model))))
             try:
                 session.commit()
             except IntegrityError:
@@ -296,7 +296,7 @@ def retry_jobs(
                     "another submit queued the same images meanwhile; run retry again"
                 ) from None
             session.expunge_all()
-            summary.queued += send_caption_jobs(app, ids, queue=settings.queue)
+            summary.queued += send_by_model(app, ids, queue=settings.queue)
 
 
 # --- forget ----------------------------------------------------------------------------------

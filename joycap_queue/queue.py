@@ -6,8 +6,11 @@ Nothing here imports the worker, so `submit` and the watcher never pay for torch
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import re
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,9 +79,37 @@ def ping_broker(app: Celery) -> None:
         raise ServiceUnavailable(f"cannot reach Redis at {url}: {exc}") from None
 
 
-def send_caption_jobs(app: Celery, job_ids: Iterable[int], *, queue: str) -> int:
+def model_queue(queue: str, model: str) -> str:
+    """The queue of one model's jobs, under the base queue ``queue``: ``joycap.m-<name>-<hash>``.
+
+    Jobs are routed by the model they ask for and a worker consumes its own model's queue, so a
+    worker started with another model never takes them (it used to fail every one, an attempt
+    counted each). The hash is of the exact model string a job row holds (a hub id, or a
+    folder's absolute path); the name part is only for people reading Flower.
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]).strip("-")[:40]
+    return f"{queue}.m-{name or 'model'}-{hashlib.sha256(model.encode('utf-8')).hexdigest()[:10]}"
+
+
+def queues_key(queue: str) -> str:
+    """The Redis set naming every model queue under ``queue`` that a message was sent to."""
+    return f"joycap:queues:{queue}"
+
+
+def send_by_model(app: Celery, jobs: Iterable[tuple[int, str]], *, queue: str) -> int:
+    """``send_caption_jobs`` for (job id, model) pairs, each to its model's queue."""
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for job_id, model in jobs:
+        by_model[model].append(job_id)
+    return sum(send_caption_jobs(app, ids, queue=queue, model=model) for model, ids in by_model.items())
+
+
+def send_caption_jobs(app: Celery, job_ids: Iterable[int], *, queue: str, model: str | None = None) -> int:
     """Publish one `joycap.caption` message per job, pipelined; returns the count.
 
+    With ``model``, to that model's queue under ``queue`` (``model_queue``), where the workers
+    of that model take it; without, to ``queue`` itself, which every worker also reads (messages
+    from before routing; a worker hands one for another model on to its model's queue).
     The message carries only the job id: everything else is read from the job row.
 
     Celery's ``send_task`` spends about 150 µs of Python per message (routing, declaring the
@@ -94,12 +125,16 @@ def send_caption_jobs(app: Celery, job_ids: Iterable[int], *, queue: str) -> int
     sent = 0
     if not ids:
         return 0
+    target = model_queue(queue, model) if model else queue
     try:
         with app.producer_or_acquire() as producer:
-            producer.maybe_declare(app.amqp.queues[queue])
-            messages = _TaskMessages(app, producer.channel, queue)
+            producer.maybe_declare(app.amqp.queues[target])
+            messages = _TaskMessages(app, producer.channel, target)
             events = bool(app.conf.task_send_sent_event)
             with producer.channel.conn_or_acquire() as client:
+                if target != queue:
+                    # Where `requeue`, `cancel` and the recovery sweep look for messages.
+                    client.sadd(queues_key(queue), target)
                 for start in range(0, len(ids), PIPELINE):
                     pipe = client.pipeline(transaction=False)
                     for job_id in ids[start : start + PIPELINE]:

@@ -44,7 +44,7 @@ from joycap_queue.broker import held_messages, restore_held, waiting_messages
 from joycap_queue.config import Settings, mask_url
 from joycap_queue.errors import ServiceUnavailable
 from joycap_queue.models import Endpoint, Job, JobStatus, utcnow
-from joycap_queue.queue import make_celery, send_caption_jobs
+from joycap_queue.queue import make_celery, send_by_model
 from joycap_queue.sidecars import finish_job_outputs, outputs_missing
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def resend_lost(
             .values(status=JobStatus.queued.value, worker=None, started_at=None)
         )
         session.commit()
-    sent = send_caption_jobs(app, lost, queue=settings.queue)
+    sent = send_by_model(app, db.models_of(engine, lost), queue=settings.queue)
     log.warning("requeued %d jobs whose messages were lost (of %d waiting)", sent, len(candidates))
     return sent, len(candidates) - len(lost)
 
@@ -354,7 +354,7 @@ def _hand_out(settings: Settings, engine: Engine, app: Celery, channel: Any, orp
             restored.add(message.job_id)
     missing = [job_id for job_id in rescued if job_id not in waiting and job_id not in restored]
     if missing:
-        send_caption_jobs(app, missing, queue=settings.queue)
+        send_by_model(app, db.models_of(engine, missing), queue=settings.queue)
     workers = sorted({o.worker for o in orphans if o.job_id in wanted})
     log.warning("worker %s died: %d of its jobs sent again", ", ".join(workers), len(rescued))
     return len(rescued)

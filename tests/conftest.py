@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from joycap_queue import db
 from joycap_queue.config import Settings
+from joycap_queue.queue import queues_key
 from joycap_queue.services import RedisServer, start_redis
 
 # Read when huggingface_hub is first imported, so set before any test module imports transformers.
@@ -222,3 +223,38 @@ def make_images(root: Path, count: int, *, seed: int = 0) -> list[Path]:
 @pytest.fixture
 def image_factory() -> Callable[..., list[Path]]:
     return make_images
+
+
+def caption_queues(settings: Settings) -> list[str]:
+    """The Redis lists holding this service's waiting caption messages: the shared queue and
+    every model queue under it (jobs are routed by model)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        members = sorted(m.decode() for m in client.smembers(queues_key(settings.queue)))
+    finally:
+        client.close()
+    return [settings.queue, *members]
+
+
+def drop_messages(settings: Settings) -> None:
+    """What Redis losing its queues does: every waiting caption message gone."""
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        client.delete(*caption_queues(settings))
+    finally:
+        client.close()
+
+
+def message_count(settings: Settings) -> int:
+    """Waiting caption messages in every queue of this service."""
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        return sum(int(client.llen(queue)) for queue in caption_queues(settings))
+    finally:
+        client.close()

@@ -16,7 +16,7 @@ from joycap_queue.models import Endpoint, Job, utcnow
 from joycap_queue.queue import make_celery, send_caption_jobs
 from joycap_queue.request import build_request
 from joycap_queue.requeue import job_ids_in_broker
-from tests.conftest import Service, wait_until
+from tests.conftest import Service, drop_messages, message_count, wait_until
 from tests.test_pipeline import all_finished, jobs_in
 
 HEARTBEAT = "0.5"  # dead after 2 s without a beat; a full sweep every 6 s
@@ -100,9 +100,8 @@ def test_a_second_submit_sends_queued_jobs_that_have_no_message(
     service.cli("submit", str(tmp_path / "in"))
     ids = sorted(job.id for job in jobs_in(database_url))
     # The first submit's messages: two never sent (an interrupt after its commit), one sent.
-    client = redis.Redis.from_url(settings.broker_url)
-    client.delete(settings.queue)
-    send_caption_jobs(make_celery(settings), ids[:1], queue=settings.queue)
+    drop_messages(settings)
+    send_caption_jobs(make_celery(settings), ids[:1], queue=settings.queue, model=settings.model)
     with Session(db.get_engine(database_url)) as session:
         session.execute(
             update(Job).where(col(Job.id).in_(ids)).values(queued_at=utcnow() - timedelta(minutes=5))
@@ -112,4 +111,4 @@ def test_a_second_submit_sends_queued_jobs_that_have_no_message(
     assert "already queued 3" in result.stdout
     assert job_ids_in_broker(settings) == set(ids)
     # The job whose message was still there got no second one.
-    assert client.llen(settings.queue) == 3
+    assert message_count(settings) == 3

@@ -6,14 +6,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-import redis
 from sqlalchemy import update
 from sqlmodel import Session
 
 from joycap_queue import db
 from joycap_queue.models import Job, utcnow
 from joycap_queue.requeue import job_ids_in_broker, requeue_lost
-from tests.conftest import Service, wait_until
+from tests.conftest import Service, drop_messages, message_count, wait_until
 from tests.test_pipeline import all_finished, jobs_in
 
 
@@ -35,18 +34,17 @@ def test_requeue_sends_only_what_redis_lost(
     assert (summary.candidates, summary.alive, summary.sent) == (5, 5, 0)
 
     # Redis loses the queue: every job is sent once, and a second requeue sends nothing more.
-    client = redis.Redis.from_url(settings.broker_url)
-    client.delete(settings.queue)
+    drop_messages(settings)
     assert job_ids_in_broker(settings) == set()
     result = service.cli("requeue", "--min-age", "0")
     assert "5 jobs waiting: 0 still have their message, 5 sent again" in result.stdout
     assert requeue_lost(settings, in_flight=timedelta(0)).sent == 0
-    assert client.llen(settings.queue) == 5
+    assert message_count(settings) == 5
 
     # A job marked running by a worker that vanished long ago, with no message left.
     engine = db.get_engine(database_url)
     stuck = min(ids)
-    client.delete(settings.queue)
+    drop_messages(settings)
     with Session(engine) as session:
         session.execute(
             update(Job)
@@ -74,7 +72,7 @@ def test_young_queued_jobs_are_left_alone(
     service = service_for(sqlite_url)
     settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
-    redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+    drop_messages(settings)
     # Intake commits rows before it sends them: a fresh queued row may be in transit.
     assert requeue_lost(settings).candidates == 0
     assert requeue_lost(settings, in_flight=timedelta(0)).sent == 2

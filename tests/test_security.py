@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 from PIL import Image
 from sqlalchemy import update
 from sqlmodel import Session
@@ -18,7 +17,7 @@ from joycap_queue import db
 from joycap_queue.config import Settings, mask_url, settings_environment
 from joycap_queue.models import Job, utcnow
 from joycap_queue.queue import CAPTION_TASK, make_celery, send_caption_jobs
-from tests.conftest import Service, wait_until
+from tests.conftest import Service, drop_messages, wait_until
 from tests.test_gpus import children_of, environ_of
 from tests.test_pipeline import all_finished, jobs_in
 
@@ -73,8 +72,7 @@ def test_pickled_messages_are_refused_and_the_worker_goes_on(
     service = service_for(sqlite_url)
     settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
-    client = redis.Redis.from_url(settings.broker_url)
-    client.delete(settings.queue)  # the JSON messages go; the jobs get one pickled, one JSON message
+    drop_messages(settings)  # the JSON messages go; the jobs get one pickled, one JSON message
     first, second = sorted(job.id for job in jobs_in(sqlite_url))
     app = make_celery(settings)
     app.conf.accept_content = ["json", "pickle"]  # the sender may say pickle; the worker must not listen
@@ -98,7 +96,7 @@ def test_worker_start_requeues_what_redis_lost(
     service = service_for(sqlite_url)
     settings = service.settings()
     service.cli("submit", str(tmp_path / "in"))
-    redis.Redis.from_url(settings.broker_url).delete(settings.queue)  # Redis lost everything
+    drop_messages(settings)  # Redis lost everything
     with Session(db.get_engine(sqlite_url)) as session:
         session.execute(update(Job).values(queued_at=utcnow() - timedelta(hours=1)))
         session.commit()

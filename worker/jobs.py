@@ -111,12 +111,9 @@ def _run(
     job = claim.job
     wants_outputs = OutputOptions.from_json(job.outputs).active  # most jobs ask for none
     started = time.monotonic()
+    if job.model != captioner.model_id:
+        return _hand_on(engine, settings, job_id, job.model, worker_name)
     try:
-        if job.model != captioner.model_id:
-            raise ImageError(
-                f"job asks for model {job.model} but this worker runs {captioner.model_id}; "
-                "start a worker with that JOYCAP_MODEL"
-            )
         check_allowed(Path(job.path), settings.allowed_root_paths)
         data = read_verified(Path(job.path), job.content_hash)
         image = open_image_rgb(io.BytesIO(data), max_pixels=settings.max_image_pixels)
@@ -174,6 +171,19 @@ def _run(
     if wants_outputs:  # the sidecars re-read the row: only for a job that asks for them
         _finish_outputs(engine, job_id)
     return JobOutcome(job_id, "done")
+
+
+def _hand_on(engine: Engine, settings: Settings, job_id: int, model: str, worker_name: str) -> JobOutcome:
+    """A job for another model, from the shared queue (sent before routing): back to `queued`
+    uncounted and on to its model's queue, for a worker of that model. Never failed here."""
+    from joycap_queue.queue import make_celery, send_caption_jobs
+
+    if db.return_to_queue(
+        engine, job_id, status=JobStatus.running.value, worker=worker_name, attempts=db.give_back_attempt()
+    ):
+        send_caption_jobs(make_celery(settings), [job_id], queue=settings.queue, model=model)
+        log.info("job %s asks for model %s: handed on to that model's queue", job_id, model)
+    return JobOutcome(job_id, "skipped", f"for model {model}")
 
 
 def _failed(engine: Engine, settings: Settings, job_id: int, reason: str, *, outputs: bool) -> JobOutcome:

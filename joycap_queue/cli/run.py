@@ -33,7 +33,7 @@ from joycap_queue.config import Settings, get_settings, settings_environment
 from joycap_queue.errors import JoycapError, first_line
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
 from joycap_queue.liveness import WorkerHeartbeat
-from joycap_queue.queue import make_celery, ping_broker
+from joycap_queue.queue import make_celery, model_queue, ping_broker
 from joycap_queue.request import build_request
 from joycap_queue.requeue import requeue_lost
 
@@ -266,7 +266,8 @@ def _run_celery_worker(app: Any, settings: Settings, hostname: str | None, logle
             "worker",
             "--pool=threads",
             f"--concurrency={settings.effective_concurrency}",
-            f"--queues={settings.queue}",
+            # Its model's queue, and the shared one (messages sent before jobs were routed by model).
+            f"--queues={model_queue(settings.queue, settings.model)},{settings.queue}",
             f"--hostname={hostname or 'joycap@' + socket.gethostname()}",
             f"--loglevel={loglevel}",
             "--task-events",
