@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, make_images, print_table, record, stack
+from bench.common import Stack, machine, make_images, print_table, record, stack
 from joycap_queue.images import open_image_rgb
 from joycap_queue.intake import CaptionRequest, enqueue_images
 from joycap_queue.prompts import CaptionOptions, system_prompt
@@ -26,6 +26,7 @@ from worker.backends.null import NullBackend
 JOBS = 2000
 MODEL = "bench/null-model"
 TARGET_MS = 2.0
+RUNS = 3
 
 
 def plain_loop(paths: list[Path], request: CaptionRequest) -> float:
@@ -49,6 +50,31 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def through_the_queue(running: Stack, folder: str, request: CaptionRequest) -> dict[str, float | None]:
+    """One run: a fresh queue and database, a worker, every file submitted until the last is done."""
+    running.fresh_queue()
+    running.start_worker("--backend", "null", "--batch-size", "8")
+    worker_pid = running.workers[-1].pid
+    load = os.getloadavg()[0]
+    cpu_before = process_cpu_s(worker_pid)
+    started = time.monotonic()
+    summary = enqueue_images([folder], request, running.settings())
+    submitted = time.monotonic()
+    ended = running.wait_finished(JOBS, timeout=600)
+    cpu_after = process_cpu_s(worker_pid)
+    failed = running.failed()
+    if summary.queued != JOBS or failed:
+        raise RuntimeError(f"queued {summary.queued} of {JOBS}; failed: {failed[:3]}")
+    running.stop_workers()
+    cpu = (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else None
+    return {
+        "queue_s": ended - started,
+        "submit_s": submitted - started,
+        "cpu_s": cpu,
+        "load": load,
+    }
+
+
 def main() -> None:
     request = CaptionRequest(
         profile="beta-one",
@@ -58,25 +84,16 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="joycap-bench-images-") as tmp, stack(MODEL) as running:
         paths = make_images(Path(tmp), JOBS)
-        loop_s = min(plain_loop(paths, request) for _ in range(3))
-        running.start_worker("--backend", "null", "--batch-size", "8")
-        worker_pid = running.workers[-1].pid
-        load = os.getloadavg()[0]
-        cpu_before = process_cpu_s(worker_pid)
-        started = time.monotonic()
-        summary = enqueue_images([tmp], request, running.settings())
-        submitted = time.monotonic()
-        ended = running.wait_finished(JOBS, timeout=600)
-        cpu_after = process_cpu_s(worker_pid)
-        failed = running.failed()
-    if summary.queued != JOBS or failed:
-        raise RuntimeError(f"queued {summary.queued} of {JOBS}; failed: {failed[:3]}")
-    queue_ms = (ended - started) / JOBS * 1000
+        loop_s = min(plain_loop(paths, request) for _ in range(RUNS))
+        # Best of RUNS, as the loop: neighbours on this shared machine only ever slow a run down.
+        best = min(
+            (through_the_queue(running, tmp, request) for _ in range(RUNS)), key=lambda r: r["queue_s"] or 0
+        )
+    queue_ms = float(best["queue_s"] or 0) / JOBS * 1000
     loop_ms = loop_s / JOBS * 1000
     overhead_ms = queue_ms - loop_ms
-    worker_cpu_ms = (
-        (cpu_after - cpu_before) / JOBS * 1000 if cpu_before is not None and cpu_after is not None else None
-    )
+    worker_cpu_ms = float(best["cpu_s"]) / JOBS * 1000 if best["cpu_s"] is not None else None
+    submitted_s, load = float(best["submit_s"] or 0), float(best["load"] or 0)
     print_table(
         f"Queue overhead, null backend, {JOBS} jobs (Redis + 1 worker, batch 8 + SQLite), {machine()['cores']} cores",
         ["path", "ms/job", "jobs/s"],
@@ -88,7 +105,8 @@ def main() -> None:
         ],
     )
     print(
-        f"(submitting took {submitted - started:.2f} s of the {ended - started:.2f} s; load average {load:.2f})"
+        f"(best of {RUNS}: submitting took {submitted_s:.2f} s of the {float(best['queue_s'] or 0):.2f} s; "
+        f"load average {load:.2f})"
     )
     record(
         {
@@ -97,7 +115,8 @@ def main() -> None:
                 "jobs": JOBS,
                 "queue_ms_per_job": round(queue_ms, 3),
                 "loop_ms_per_job": round(loop_ms, 3),
-                "submit_s": round(submitted - started, 3),
+                "submit_s": round(submitted_s, 3),
+                "best_of": RUNS,
                 "worker_cpu_ms_per_job": round(worker_cpu_ms, 3) if worker_cpu_ms is not None else None,
                 "load_average_1m": round(load, 2),
                 "target_ms": TARGET_MS,
