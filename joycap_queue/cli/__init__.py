@@ -8,6 +8,7 @@ import click
 
 from joycap_queue import __version__
 from joycap_queue.errors import JoycapError, OptionError
+from joycap_queue.outages import outage, outage_line
 
 HELP = """Caption large image collections with JoyCaption through a Redis job queue.
 
@@ -32,6 +33,13 @@ class JoycapGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
+        except Exception as exc:
+            # The database or Redis went away (or SQLite stayed locked) in a command that has no
+            # better advice of its own: what failed, in one line, and that a rerun is the remedy.
+            reason = outage(exc)
+            if reason is None:
+                raise
+            raise click.ClickException(outage_line(reason, "run the command again once it is back")) from None
 
 
 @click.group(cls=JoycapGroup, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,9 @@ from joycap_queue.cli.options import (
     model_options,
     tiny_model_notice,
 )
-from joycap_queue.cli.output import echo_rejections, progress
+from joycap_queue.cli.output import echo_rejections, printable, progress
 from joycap_queue.datasource import resolve_source
-from joycap_queue.errors import OptionError
+from joycap_queue.errors import OptionError, ServiceUnavailable
 from joycap_queue.exporting import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_NAME_COLUMN,
@@ -38,6 +40,7 @@ from joycap_queue.exporting import (
 )
 from joycap_queue.imagestore import store_root
 from joycap_queue.models import JobStatus
+from joycap_queue.outages import outage, outage_line
 from joycap_queue.sidecars import SIDECAR_MODES
 
 STATES = [status.value for status in JobStatus]
@@ -159,62 +162,88 @@ def export(
     added = extra_columns(columns)
     if fmt in ("parquet", "hf-dataset") and output is None:
         raise OptionError("output", f"--format {fmt} needs --output")
-    engine = db.get_engine(settings.effective_database_url)
+    with _stopped_by_outages(fmt, output):
+        engine = db.get_engine(settings.effective_database_url)
 
-    if fmt == "hf-dataset" and dataset is not None:
-        from joycap_queue.exporting_hf import export_source_dataset
+        if fmt == "hf-dataset" and dataset is not None:
+            from joycap_queue.exporting_hf import export_source_dataset
 
-        assert output is not None
-        with progress(0, "captions") as bar:
+            assert output is not None
+            with progress(0, "captions") as bar:
 
-            def started(total: int) -> None:
-                bar.length = total
+                def started(total: int) -> None:
+                    bar.length = total
 
-            counts = export_source_dataset(
-                engine,
-                dataset,
-                flt,
-                output,
-                split=split,
-                caption_column=caption_column,
-                on_start=started,
-                advance=bar.update,
-            )
-        for name, (rows, filled) in counts.items():
-            click.echo(f"{name}: {filled} of {rows} rows have a caption", err=True)
-        click.echo(f"wrote {output}", err=True)
-        return
-
-    total = count_rows(engine, flt)
-    with progress(total, f"exporting {fmt}") as bar:
-        records = counted(iter_records(engine, flt), bar.update)
-        if fmt == "txt":
-            summary = write_sidecar_files(
-                records, mode=sidecar_mode, prepend=prepend, append=append, image_store=store_root(settings)
-            )
-            click.echo(
-                f"sidecars: wrote {summary.written}, kept {summary.kept} existing, "
-                f"{summary.missing} images missing, {summary.in_store} dataset images left out (use csv or hf-dataset)",
-                err=True,
-            )
+                counts = export_source_dataset(
+                    engine,
+                    dataset,
+                    flt,
+                    output,
+                    split=split,
+                    caption_column=caption_column,
+                    on_start=started,
+                    advance=bar.update,
+                )
+            for name, (rows, filled) in counts.items():
+                click.echo(f"{name}: {filled} of {rows} rows have a caption", err=True)
+            click.echo(f"wrote {output}", err=True)
             return
-        if fmt == "hf-dataset":
-            from joycap_queue.exporting_hf import export_jobs_dataset
 
-            assert output is not None
-            count = export_jobs_dataset(
-                records, output, name_column=name_column, caption_column=caption_column
-            )
-        elif fmt == "parquet":
-            assert output is not None
-            with atomic_output(output) as tmp:
-                count = write_parquet(records, tmp, name_column=name_column)
+        total = count_rows(engine, flt)
+        with progress(total, f"exporting {fmt}") as bar:
+            records = counted(iter_records(engine, flt), bar.update)
+            if fmt == "txt":
+                summary = write_sidecar_files(
+                    records,
+                    mode=sidecar_mode,
+                    prepend=prepend,
+                    append=append,
+                    image_store=store_root(settings),
+                )
+                click.echo(
+                    f"sidecars: wrote {summary.written}, kept {summary.kept} existing, "
+                    f"{summary.missing} images missing, {summary.in_store} dataset images left out (use csv or hf-dataset)",
+                    err=True,
+                )
+                return
+            if fmt == "hf-dataset":
+                from joycap_queue.exporting_hf import export_jobs_dataset
+
+                assert output is not None
+                count = export_jobs_dataset(
+                    records, output, name_column=name_column, caption_column=caption_column
+                )
+            elif fmt == "parquet":
+                assert output is not None
+                with atomic_output(output) as tmp:
+                    count = write_parquet(records, tmp, name_column=name_column)
+            elif output is None:
+                count = _write_text(fmt, records, sys.stdout, name_column, caption_column, added)
+            else:
+                with atomic_output(output) as tmp, tmp.open("w", encoding="utf-8", newline="") as out:
+                    count = _write_text(fmt, records, out, name_column, caption_column, added)
+        click.echo(f"exported {count} rows" + (f" to {output}" if output is not None else ""), err=True)
+
+
+@contextmanager
+def _stopped_by_outages(fmt: str, output: Path | None) -> Iterator[None]:
+    """The database lost mid-export ends it with one line: what was and was not written, and that
+    running it again is the remedy (files and datasets are replaced whole, sidecars not twice)."""
+    try:
+        yield
+    except Exception as exc:
+        reason = outage(exc)
+        if reason is None:
+            raise
+        if fmt == "txt":
+            done = "the sidecars written so far are kept and are not written twice"
         elif output is None:
-            count = _write_text(fmt, records, sys.stdout, name_column, caption_column, added)
+            done = "the output above is incomplete"
         else:
-            with atomic_output(output) as tmp, tmp.open("w", encoding="utf-8", newline="") as out:
-                count = _write_text(fmt, records, out, name_column, caption_column, added)
-    click.echo(f"exported {count} rows" + (f" to {output}" if output is not None else ""), err=True)
+            done = f"nothing was written to {printable(str(output), one_line=True)}"
+        raise ServiceUnavailable(
+            outage_line(reason, f"{done}; run the same export again once it is back")
+        ) from None
 
 
 def _write_text(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
@@ -19,8 +20,10 @@ from joycap_queue.cli.options import (
     tiny_model_notice,
 )
 from joycap_queue.cli.output import echo_rejections, progress
+from joycap_queue.errors import ServiceUnavailable
 from joycap_queue.images import Discovered
 from joycap_queue.intake import enqueue_images
+from joycap_queue.outages import outage, outage_line
 from joycap_queue.request import build_request
 from joycap_queue.requeue import requeue_lost
 from joycap_queue.watchconfig import output_options as output_options_for
@@ -60,29 +63,47 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
     )
     request = build_request(settings, params)
     tiny_model_notice(settings.model)
+    begun = False
     with progress(0, "submitting") as bar:
 
         def started(total: int) -> None:
+            nonlocal begun
+            begun = True
             bar.length = total
 
         def advanced(_found: Discovered) -> None:
             bar.update(1)
 
-        summary = enqueue_images(
-            paths,
-            request,
-            settings,
-            force=force,
-            recursive=recursive,
-            on_start=started,
-            on_file=advanced,
-        )
+        try:
+            summary = enqueue_images(
+                paths,
+                request,
+                settings,
+                force=force,
+                recursive=recursive,
+                on_start=started,
+                on_file=advanced,
+            )
+        except Exception as exc:
+            reason = outage(exc)
+            if reason is None or not begun:
+                raise  # nothing was written yet: the plain error says it all
+            raise ServiceUnavailable(outage_line(reason, _resume_advice(exc))) from None
     click.echo(
         f"submission {summary.submission_id}: queued {summary.queued}, already done {summary.already_done}, "
         f"already queued {summary.already_queued}, skipped {summary.skipped}, rejected {summary.rejected} "
         f"({summary.total} files)"
     )
     echo_rejections(summary.rejections, hint=" (joycap-queue results --state failed)")
+
+
+def _resume_advice(exc: Exception) -> str:
+    # Rows are committed before their messages are sent, so what was saved is never lost, and a
+    # second submit skips it by its dedup key (sending those it finds without a message).
+    service = "the database" if isinstance(exc, SQLAlchemyError) else "Redis"
+    return (
+        f"the jobs saved so far are kept: run the same submit again once {service} is back to queue the rest"
+    )
 
 
 @click.command()
