@@ -43,6 +43,9 @@ class InboxState:
     pending: dict[Path, Pending] = field(default_factory=dict)
     handled: dict[Path, tuple[int, int]] = field(default_factory=dict)
     twins: dict[Path, int] = field(default_factory=dict)
+    # Files found ready whose intake failed while the database or Redis was away: taken again
+    # once it answers, without settling and decoding again.
+    held: dict[Path, tuple[int, int]] = field(default_factory=dict)
     seen: int = 0
     queued: int = 0
     watcher_id: int | None = None
@@ -57,14 +60,39 @@ class InboxState:
         return self.config.request.outputs
 
     def verdict(self, path: Path) -> str:
-        """What the watcher has made of a file so far: taken, incomplete (settled but it does not
-        decode), settling, or unseen (not looked at yet, or not a candidate)."""
+        """What the watcher has made of a file so far: taken, held (ready, waiting for the database
+        or Redis), incomplete (settled but it does not decode), settling, or unseen (not looked at
+        yet, or not a candidate)."""
         if path in self.handled:
             return "taken"
+        if path in self.held:
+            return "held"
         entry = self.pending.get(path)
         if entry is None:
             return "unseen"
         return "incomplete" if entry.undecodable else "settling"
+
+    def hold(self, paths: list[Path]) -> None:
+        """Files taken whose intake failed: held until the database and Redis answer again."""
+        for path in paths:
+            signature = self.handled.pop(path, None)
+            if signature is not None:
+                self.held[path] = signature
+
+    def take_held(self) -> list[Path]:
+        """The held files still as they were when found ready, taken again; a changed or removed
+        one is left to its events and the rescan, as any new file."""
+        taken = []
+        for path, signature in self.held.items():
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if (stat.st_size, stat.st_mtime_ns) == signature:
+                self.handled[path] = signature
+                taken.append(path)
+        self.held.clear()
+        return taken
 
     def is_candidate(self, path: Path) -> bool:
         name = path.name

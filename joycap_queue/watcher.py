@@ -33,6 +33,7 @@ from joycap_queue.images import decodes_completely, has_end_marker
 from joycap_queue.inbox import InboxState, NoticeHandler, Pending, walk_candidates
 from joycap_queue.intake import enqueue_images
 from joycap_queue.models import Job, JobPublic, JobStatus, utcnow
+from joycap_queue.outages import OutageWait
 from joycap_queue.queue import make_celery
 from joycap_queue.recovery import recover
 from joycap_queue.sidecars import (
@@ -51,6 +52,8 @@ STALE_AFTER = timedelta(seconds=15)
 # How long a done job may lack its sidecar before the watcher writes it (see reconcile).
 SIDECAR_GRACE = 60.0
 TICK_S = 0.25
+# While the database or Redis is away, how often the watcher tries again.
+OUTAGE_RETRY_S = 1.0
 MAX_ENQUEUE = 1000
 
 
@@ -79,6 +82,10 @@ class FolderWatcher:
         self.engine: Engine = db.get_engine(settings.effective_database_url)
         self.app: Celery = make_celery(settings)
         self.states = [InboxState(config, self._excluded(config)) for config in inboxes]
+        # The database or Redis away costs this tick's work, not the watcher (see `step`).
+        self.outages = OutageWait(
+            log.warning, retry_s=OUTAGE_RETRY_S, back="the database and Redis answer again; going on"
+        )
         self.notices: queue.SimpleQueue[tuple[InboxState, Path, bool]] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.stop_event = threading.Event()
@@ -181,18 +188,31 @@ class FolderWatcher:
         present when it began has been looked at: how a test knows that a file left alone was
         seen and refused, rather than not reached yet.
         """
-        for state in self.states:
-            self.scan(state)
-        self.step(now)
-        for state in self.states:
-            self.reconcile(state)
-        self.rescans += 1
+        if self.outages.waiting(now):
+            return
+        with self.outages.guard(now):
+            for state in self.states:
+                self.scan(state)
+            self._step(now)
+            for state in self.states:
+                self.reconcile(state)
+            self.rescans += 1
 
     def scan(self, state: InboxState) -> None:
         for path in walk_candidates(state):
             self.notices.put((state, path, False))
 
     def step(self, now: float) -> None:
+        """Observe what the events noticed and queue the files that are ready.
+
+        The database or Redis away ends the step, not the watcher: it says so once, tries again
+        every `OUTAGE_RETRY_S`, and the files it found ready meanwhile wait, held, until then.
+        """
+        if not self.outages.waiting(now):
+            with self.outages.guard(now):
+                self._step(now)
+
+    def _step(self, now: float) -> None:
         while True:
             try:
                 state, path, closed = self.notices.get_nowait()
@@ -200,9 +220,16 @@ class FolderWatcher:
                 break
             self._observe(state, path, now, closed=closed)
         for state in self.states:
-            ready = self._ready(state, now)
+            ready = [*state.take_held(), *self._ready(state, now)]
             for start in range(0, len(ready), MAX_ENQUEUE):
-                self.enqueue(state, ready[start : start + MAX_ENQUEUE])
+                try:
+                    self.enqueue(state, ready[start : start + MAX_ENQUEUE])
+                except Exception:
+                    # Not taken after all: they wait, settled, for the database or Redis. Rows an
+                    # intake committed before Redis went are sent by the next intake that finds
+                    # them "already queued", or by the workers' sweep (recovery.py).
+                    state.hold(ready[start:])
+                    raise
 
     def _observe(self, state: InboxState, path: Path, now: float, *, closed: bool) -> None:
         try:
@@ -211,7 +238,7 @@ class FolderWatcher:
             state.pending.pop(path, None)
             return
         signature = (stat.st_size, stat.st_mtime_ns)
-        if state.handled.get(path) == signature:
+        if signature in (state.handled.get(path), state.held.get(path)):
             return
         entry = state.pending.get(path)
         if entry is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from joycap_queue import db
 from joycap_queue.cli.options import build_settings, connection_options, tiny_model_notice
 from joycap_queue.cli.output import printable, table
 from joycap_queue.models import JobStatus, utcnow
+from joycap_queue.outages import OutageWait
 from joycap_queue.watcher import STALE_AFTER
 
 FLOWER_STALE = timedelta(seconds=20)
@@ -106,20 +108,27 @@ def status(
     with Session(engine) as session:
         if latest:
             submission_id = db.latest_submission_id(session)
+    # Once it has answered, a database that goes away (a restart, a failover, a lock held past
+    # the busy timeout) is waited for: --watch is meant to be left running.
+    outages = OutageWait(
+        lambda line: click.echo(line, err=True), retry_s=interval, back="the database answers again; going on"
+    )
     while True:
-        with Session(engine) as session:
+        counts = None
+        with outages.guard(time.monotonic()) if watch else nullcontext(), Session(engine) as session:
             report, counts = status_report(session, submission_id)
-        if watch and sys.stdout.isatty():
-            click.clear()
-        click.echo(report)
-        if not watch:
-            return
-        if until_done and counts["queued"] + counts["running"] == 0:
-            return
+        if counts is not None:
+            if watch and sys.stdout.isatty():
+                click.clear()
+            click.echo(report)
+            if not watch:
+                return
+            if until_done and counts["queued"] + counts["running"] == 0:
+                return
         if timeout is not None and time.monotonic() - started > timeout:
             raise click.ClickException(f"still not done after {timeout:g} s")
         time.sleep(interval)
-        if not sys.stdout.isatty():
+        if not sys.stdout.isatty() and counts is not None:
             click.echo("")
 
 
