@@ -102,7 +102,11 @@ def _make_engine(url: str) -> Engine:
             _write_locks[engine] = threading.Lock()
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            # A connect that hangs (a network dropping packets) would block a heartbeat thread
+            # for good and make a live worker look dead: give up after 10 s and retry instead.
+            engine = create_engine(
+                url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args={"connect_timeout": 10}
+            )
     except NoSuchModuleError:
         raise OptionError("database_url", f"unsupported database URL: {mask_url(url)}") from None
     try:
