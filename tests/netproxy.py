@@ -54,10 +54,8 @@ class CuttableProxy:
         if self._listener is not None:
             # shutdown first: close() alone leaves the thread in accept() holding the port open,
             # so new connections hang instead of being refused and resume() can find it taken.
-            try:
+            with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._listener.close()
             self._listener = None
         with self._lock:
