@@ -119,8 +119,12 @@ class Settings(BaseSettings):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _auto_batch(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return 0
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return 0
+            if not text.isdigit():
+                raise ValueError(f"batch size must be a number of images or 'auto', not {value!r}")
         return value
 
     @field_validator("gpus")

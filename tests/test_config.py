@@ -54,3 +54,18 @@ def test_tiny_model_marker(tmp_path: Path) -> None:
     (tmp_path / TINY_MODEL_MARKER).write_text('{"profile": "alpha-two"}')
     assert is_tiny_model(str(tmp_path))
     assert tiny_model_info(str(tmp_path)) == {"profile": "alpha-two"}
+
+
+def test_batch_size_takes_a_number_or_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().batch_size == 0  # auto is the default
+    assert Settings(batch_size="auto").batch_size == 0  # type: ignore[arg-type]
+    assert Settings(batch_size=" 16 ").batch_size == 16  # type: ignore[arg-type]
+    monkeypatch.setenv("JOYCAP_BATCH_SIZE", "AUTO")
+    assert Settings().batch_size == 0
+    with pytest.raises(ValidationError, match="a number of images or 'auto'"):
+        Settings(batch_size="lots")  # type: ignore[arg-type]
+    # With -b auto the engine decides; the paths without it run batches of 8.
+    assert Settings().effective_batch_size == 8
+    assert Settings(engine="generate").uses_engine is False
+    assert Settings(backend="null").uses_engine is False
+    assert Settings().uses_engine is True

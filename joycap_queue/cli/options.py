@@ -206,7 +206,8 @@ def build_settings(params: dict[str, Any]) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"]) or "settings"
-        raise click.BadParameter(error["msg"], param_hint=f"'--{field.replace('_', '-')}'") from None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'") from None
     if settings.model != normalize_model(settings.model):
         settings = settings.model_copy(update={"model": normalize_model(settings.model)})
     return settings

@@ -81,7 +81,8 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"]) or "settings"
-        raise click.BadParameter(error["msg"], param_hint=f"'--{field.replace('_', '-')}'") from None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'") from None
 
 
 engine_option = click.option(
