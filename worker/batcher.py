@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from joycap_queue.errors import first_line
 from worker.backends.base import Backend, CaptionInput, CaptionOutput, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -335,5 +336,6 @@ def without_frames(exc: BaseException) -> Exception:
 
 
 def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    """The exception's class and the first line of its message."""
+    name, message = type(exc).__name__, first_line(exc)
+    return name if message == name else f"{name}: {message}"

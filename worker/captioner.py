@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from joycap_queue.errors import first_line
 from worker.backends.base import (
     Backend,
     CaptionInput,
@@ -75,11 +76,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _looks_like_path(model: str) -> bool:
@@ -170,7 +166,7 @@ class Captioner(Backend):
                 if not direct:
                     model.to(device)
             except Exception as exc:
-                raise ModelLoadError(f"cannot load model {self.model_id!r}: {_first_line(exc)}") from exc
+                raise ModelLoadError(f"cannot load model {self.model_id!r}: {first_line(exc)}") from exc
             model.eval()
             self._configure(model, tokenizer)
             self.device, self.dtype = device, model.dtype
