@@ -55,8 +55,7 @@ class _Sequence:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
     restarts: int = 0
-    # Counts admissions: a prefill result of an earlier one (the caption was restarted meanwhile)
-    # is told apart from the current one's and dropped.
+    # Counts admissions, so a prefill of an earlier one (restarted since) is told apart and dropped.
     admission: int = 0
 
 
@@ -106,7 +105,6 @@ class ContinuousEngine(CaptionStream):
         # Admitted groups for the prefill thread, and its results for the scheduler.
         self._to_prefill: deque[list[tuple[_Sequence, int]]] = deque()
         self._prefilled: list[_Prefilled] = []
-        self._prefill_thread: threading.Thread | None = None
         self._active: dict[int, _Sequence] = {}
         self._free: list[int] = []
         self._ready = False
@@ -131,7 +129,7 @@ class ContinuousEngine(CaptionStream):
             model = captioner.model
             device = torch.device(captioner.device)
             self.capacity = plan_capacity(captioner.image_seq_length, self.max_new_tokens)
-            self.slots, why = plan_slots(
+            self.slots, self.slot_reason = plan_slots(
                 self.requested_slots,
                 text_config=model.config.get_text_config(),
                 dtype=model.dtype,
@@ -139,7 +137,6 @@ class ContinuousEngine(CaptionStream):
                 capacity=self.capacity,
                 memory_fraction=self.kv_memory_fraction,
             )
-            self.slot_reason = why
             self.prefill_chunk = self.requested_chunk or (512 if device.type == "cuda" else 4096)
             self._runner = ModelRunner(
                 captioner,
@@ -152,17 +149,14 @@ class ContinuousEngine(CaptionStream):
             self._free = list(range(self.slots))
             if self.want_graphs:
                 self._runner.capture_graphs()
-            graphs = self._runner.graphs
+            self._ready = True
             log.info(
-                "engine ready in %.1f s: %d slots (%s), %d tokens each, KV cache %.2f GiB, %s",
+                "engine ready in %.1f s: %s; %d tokens a slot, KV cache %.2f GiB",
                 time.monotonic() - started,
-                self.slots,
-                why,
+                self.describe(),
                 self.capacity,
                 self._runner.cache.nbytes / 2**30,
-                graphs.describe() if graphs else "eager decode",
             )
-            self._ready = True
 
     def describe(self) -> str:
         if not self._ready:
@@ -181,10 +175,8 @@ class ContinuousEngine(CaptionStream):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="joycap-engine", daemon=True)
                 self._thread.start()
-                self._prefill_thread = threading.Thread(
-                    target=self._prefill_run, name="joycap-prefill", daemon=True
-                )
-                self._prefill_thread.start()
+                # Ends by itself once the engine is closed and nothing is left to prefill.
+                threading.Thread(target=self._prefill_run, name="joycap-prefill", daemon=True).start()
         return self
 
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput:

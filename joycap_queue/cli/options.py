@@ -187,6 +187,14 @@ def generation_options(func: F) -> F:
     )
 
 
+def bad_setting(exc: ValidationError) -> click.BadParameter:
+    """A settings validation error as click's one line, naming the option it came from."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "settings"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'")
+
+
 def build_settings(params: dict[str, Any]) -> Settings:
     """Settings from the environment with the command's options on top; one clear line if invalid."""
     names = (
@@ -204,10 +212,7 @@ def build_settings(params: dict[str, Any]) -> Settings:
     try:
         settings = settings_with(**overrides)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "settings"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'") from None
+        raise bad_setting(exc) from None
     if settings.model != normalize_model(settings.model):
         settings = settings.model_copy(update={"model": normalize_model(settings.model)})
     return settings

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from joycap_queue import db
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
+    bad_setting,
     build_settings,
     caption_options,
     connection_options,
@@ -58,6 +59,18 @@ def load_captioner(settings: Settings) -> Any:
         raise JoycapError(str(exc)) from None
 
 
+def load_stream(settings: Settings) -> Any:
+    """The worker's stream over its loaded model, started; a model that will not load or a KV
+    cache that does not fit (MemoryError: lower JOYCAP_KV_MEMORY_FRACTION) is one line."""
+    from worker.backends import ModelLoadError
+    from worker.runtime import get_batcher
+
+    try:
+        return get_batcher(settings)
+    except (ModelLoadError, MemoryError) as exc:
+        raise JoycapError(str(exc)) from None
+
+
 WORKER_SETTINGS = (
     "backend",
     "engine",
@@ -79,10 +92,7 @@ def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
     try:
         return Settings(**{**settings.model_dump(), **given})
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "settings"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'") from None
+        raise bad_setting(exc) from None
 
 
 engine_option = click.option(
@@ -90,8 +100,8 @@ engine_option = click.option(
     envvar="JOYCAP_ENGINE",
     show_envvar=True,
     type=click.Choice(["continuous", "generate"]),
-    help="transformers backend: continuous (default: one KV cache, a finished caption's slot "
-    "refilled at once, CUDA graphs) or generate (transformers' generate on merged batches).",
+    help="transformers backend: continuous (default: one KV cache, slots refilled at once, CUDA "
+    "graphs) or generate (transformers' generate on merged batches).",
 )
 
 
@@ -214,30 +224,21 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
 
         raise SystemExit(run_per_gpu(settings, hostname=hostname, loglevel=loglevel))
     if settings.backend == "null":
-        click.secho(
-            "warning: null backend: no model runs and every caption is a fixed placeholder "
-            "(for measuring the queue's own cost)",
-            fg="yellow",
-            err=True,
-        )
-    load_captioner(settings)
-    from worker.runtime import batch_task_events, get_batcher, install_shutdown_grace, reuse_redis_clients
+        warning = "warning: null backend: no model runs, every caption is a fixed placeholder"
+        click.secho(f"{warning} (for measuring the queue's own cost)", fg="yellow", err=True)
+    from worker.runtime import batch_task_events, install_shutdown_grace, reuse_redis_clients
 
-    try:
-        stream = get_batcher(settings)
-    except MemoryError as exc:  # the engine's cache does not fit: a setting to change, no traceback
-        raise JoycapError(str(exc)) from None
-    # Celery's threads pool enforces no time limit: the stream does (a caption late by the limit
-    # fails; a model call far past it ends the process, and the others take its jobs).
+    stream = load_stream(settings)
+    # Celery's threads pool enforces no time limit: the stream does (a late caption fails; a
+    # model call far past it ends the process, and the others take its jobs).
     stream.enforce_time_limit(settings.task_time_limit_s)
     # -b auto is resolved now, by the engine's memory arithmetic: size the thread pool from it.
     settings = settings.model_copy(update={"batch_size": stream.max_batch_size})
     install_shutdown_grace(settings.shutdown_grace_s)
     reuse_redis_clients()
     batch_task_events()
-    # The generate thread releases the GIL around every torch op and must get it back at once;
-    # at the default 5 ms a task thread holding it (decoding, the database) slowed each batch by
-    # about 12% on the tiny model (bench/batching.py).
+    # The model thread must get the GIL back at once after each torch op: at the default 5 ms,
+    # task threads holding it slowed each batch by about 12% (bench/batching.py, tiny model).
     sys.setswitchinterval(GENERATE_SWITCH_INTERVAL_S)
     click.echo(
         f"model {settings.model} loaded: {stream.describe()}, {settings.effective_concurrency} jobs in flight",
@@ -346,14 +347,7 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
 
 def _batch_captioner(settings: Settings, captioner: Any) -> Any:
     """``caption(inputs, params)`` through the worker's own path; a failure is one line."""
-    stream = None
-    if settings.uses_engine:
-        from worker.runtime import get_batcher
-
-        try:
-            stream = get_batcher(settings)
-        except MemoryError as exc:
-            raise JoycapError(str(exc)) from None
+    stream = load_stream(settings) if settings.uses_engine else None
 
     def caption_batch(inputs: list[Any], params: Any) -> list[Any]:
         try:
