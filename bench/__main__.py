@@ -11,7 +11,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["overhead", "engine", "batching", "submit", "watch"]
+BENCHMARKS = ["overhead", "engine", "batching", "submit", "watch", "quality"]
 OPTIONAL = ["gpu"]
 
 
