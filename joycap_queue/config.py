@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     torch_threads: int = Field(default=0, ge=0)
+    # none (the model dtype), 8bit or nf4 (bitsandbytes): the language model's linears only; the
+    # vision tower, projector and lm_head stay in the model dtype. Part of a job's dedup key.
+    quantize: Literal["none", "8bit", "nf4"] = "none"
+    # A peft LoRA adapter folder (as upstream's finetuning/train.py saves one); part of the key.
+    lora: str = ""
+    # A worker idle this long frees its model (and GPU memory), and loads it again for the next
+    # job; 0 keeps it loaded.
+    idle_unload_s: float = Field(default=0.0, ge=0.0)
 
     temperature: float = Field(default=0.6, ge=0.0)
     top_p: float | None = Field(default=0.9, gt=0.0, le=1.0)
@@ -146,6 +154,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "visibility_timeout_s must be greater than task_time_limit_s, "
                 "or Redis re-delivers jobs that are still running"
+            )
+        if self.backend != "transformers" and (self.quantize != "none" or self.lora):
+            raise ValueError(
+                f"quantize and lora need the transformers backend, not {self.backend} "
+                "(for vLLM, merge the adapter with `joycap-queue model merge-lora` and pass --model)"
             )
         return self
 

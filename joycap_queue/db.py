@@ -37,6 +37,7 @@ from joycap_queue.config import mask_url
 from joycap_queue.errors import OptionError, ServiceUnavailable
 from joycap_queue.leases import fresh
 from joycap_queue.models import Endpoint, Job, JobPublic, JobStatus, Submission, Watcher, utcnow
+from joycap_queue.modelspec import spec_key
 from joycap_queue.search import WhereClause, caption_matches, ensure_search_index
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,12 @@ def _create_schema(engine: Engine, *, attempts: int = 5) -> None:
 ADDED_COLUMNS = {
     ("job", "isolation"): "ALTER TABLE job ADD COLUMN isolation INTEGER NOT NULL DEFAULT 0",
     ("job", "claim_id"): "ALTER TABLE job ADD COLUMN claim_id VARCHAR(64)",
+    ("job", "quantize"): "ALTER TABLE job ADD COLUMN quantize TEXT NOT NULL DEFAULT 'none'",
+    ("job", "adapter"): "ALTER TABLE job ADD COLUMN adapter TEXT NOT NULL DEFAULT ''",
+    ("job", "adapter_hash"): "ALTER TABLE job ADD COLUMN adapter_hash TEXT NOT NULL DEFAULT ''",
     ("watcher", "owner"): "ALTER TABLE watcher ADD COLUMN owner VARCHAR(64)",
     ("endpoint", "owner"): "ALTER TABLE endpoint ADD COLUMN owner VARCHAR(64)",
+    ("endpoint", "state"): "ALTER TABLE endpoint ADD COLUMN state TEXT",
 }
 
 
@@ -583,12 +588,15 @@ def job_conditions(
 
 
 def models_of(engine: Engine, job_ids: Sequence[int]) -> list[tuple[int, str]]:
-    """(job id, model) for each job: a message sent again goes to its model's queue."""
+    """(job id, model key) for each job: a message sent again goes to its model's queue."""
     pairs: list[tuple[int, str]] = []
     with Session(engine) as session:
         for start in range(0, len(job_ids), 500):
             chunk = list(job_ids[start : start + 500])
-            for job_id, model in session.exec(select(Job.id, Job.model).where(col(Job.id).in_(chunk))):
+            rows = session.exec(
+                select(Job.id, Job.model, Job.quantize, Job.adapter_hash).where(col(Job.id).in_(chunk))
+            )
+            for job_id, model, quantize, adapter_hash in rows:
                 if job_id is not None:
-                    pairs.append((job_id, model))
+                    pairs.append((job_id, spec_key(model, quantize, adapter_hash)))
     return pairs

@@ -139,11 +139,11 @@ def export_source_dataset(
 def export_jobs_dataset(
     records: Iterable[dict[str, Any]], out_dir: Path, *, name_column: str, caption_column: str
 ) -> int:
-    """A dataset of the exported jobs: the image itself, its name, caption, prompt and model."""
+    """A dataset of the exported jobs: the image, its name, caption, prompt, model, quantization, adapter."""
     datasets = require_datasets()
     from datasets.arrow_writer import ArrowWriter
 
-    columns = ["image", name_column, caption_column, "prompt", "model"]
+    columns = ["image", name_column, caption_column, "prompt", "model", "quantize", "adapter"]
     if len(set(columns)) != len(columns):
         raise OptionError("caption_column", f"the columns must have distinct names: {', '.join(columns)}")
     check_output_dir(out_dir)
@@ -172,6 +172,9 @@ def export_jobs_dataset(
                         caption_column: record["caption"],
                         "prompt": record["prompt"],
                         "model": record["model"],
+                        "quantize": record.get("quantize") or "none",
+                        # The folder means little on another machine; the hash names the weights.
+                        "adapter": record.get("adapter_hash") or "",
                     }
                 )
                 count += 1

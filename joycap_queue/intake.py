@@ -20,6 +20,7 @@ from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import Discovered, ImageError, discover, file_error_reason, hash_file, probe_image
 from joycap_queue.models import Job, JobStatus, Submission, utcnow
+from joycap_queue.modelspec import spec_key
 from joycap_queue.queue import make_celery, ping_broker, send_caption_jobs
 from joycap_queue.recovery import resend_queued
 from joycap_queue.request import CaptionRequest, dedup_key
@@ -76,6 +77,9 @@ class _RowBuilder:
             "extra_options": json.dumps([] if custom else list(options.extra)),
             "name": options.name,
             "model": request.model,
+            "quantize": request.quantize,
+            "adapter": request.adapter,
+            "adapter_hash": request.adapter_hash,
             "gen_params": json.dumps(request.gen_params, sort_keys=True),
             "prepend": request.prepend,
             "append": request.append,
@@ -235,8 +239,9 @@ def _flush(
     _finish_rejected(session, unique, inserted)
     # Rows are committed first: if sending fails now, the jobs are still in the database as
     # queued, and nothing a worker could receive is missing its row.
-    # One request per enqueue call, so one model: its workers' queue.
-    model = str(pending[0].row["model"])
+    # One request per enqueue call, so one model (quantization, adapter): its workers' queue.
+    row = pending[0].row
+    model = spec_key(str(row["model"]), str(row["quantize"]), str(row["adapter_hash"]))
     send_caption_jobs(app, [*inserted_ids(inserted, unique), *to_reset], queue=settings.queue, model=model)
 
 

@@ -26,6 +26,7 @@ from joycap_queue.broker import held_messages, waiting_messages
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError, OptionError
 from joycap_queue.models import DatasetRow, Job, JobStatus, Submission, Watcher, utcnow
+from joycap_queue.modelspec import ModelSpec, spec_key
 from joycap_queue.queue import make_celery, send_by_model
 from joycap_queue.request import CaptionRequest, dedup_key, generation_params, profile_of
 
@@ -149,6 +150,9 @@ class RequestChanges:
     model: str | None = None
     profile: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    quantize: str | None = None
+    # (folder, hash) of --lora, checked and hashed; ("", "") for --lora '' (no adapter).
+    adapter: tuple[str, str] | None = None
 
     @property
     def empty(self) -> bool:
@@ -189,6 +193,10 @@ def _options(job: Any, changes: RequestChanges, profile: str) -> prompts.Caption
 def changed_columns(job: Any, changes: RequestChanges, settings: Settings) -> dict[str, Any]:
     """The job's request columns and dedup key after the changes (as intake would have built them)."""
     model = changes.model or job.model
+    adapter, adapter_hash = (
+        changes.adapter if changes.adapter is not None else (job.adapter, job.adapter_hash)
+    )
+    spec = ModelSpec(model, changes.quantize or job.quantize, adapter, adapter_hash)
     if changes.profile:
         profile = changes.profile
     elif changes.model:
@@ -208,6 +216,9 @@ def changed_columns(job: Any, changes: RequestChanges, settings: Settings) -> di
         gen_params=params,
         prepend=job.prepend if changes.prepend is None else changes.prepend,
         append=job.append if changes.append is None else changes.append,
+        quantize=spec.quantize,
+        adapter=spec.adapter,
+        adapter_hash=spec.adapter_hash,
     )
     prompt = request.prompt_for(job.content_hash)
     custom = bool(options.custom_prompt) or bool(changes.prompt_file)
@@ -219,6 +230,9 @@ def changed_columns(job: Any, changes: RequestChanges, settings: Settings) -> di
         "name": options.name,
         "prompt": prompt,
         "model": model,
+        "quantize": spec.quantize,
+        "adapter": spec.adapter,
+        "adapter_hash": spec.adapter_hash,
         "gen_params": json.dumps(params, sort_keys=True),
         "prepend": request.prepend,
         "append": request.append,
@@ -251,9 +265,9 @@ def retry_jobs(
                 update(Job)
                 .where(*selection.conditions(session, states))
                 .values(**REQUEUED, queued_at=utcnow())
-                .returning(col(Job.id), col(Job.model))
+                .returning(col(Job.id), col(Job.model), col(Job.quantize), col(Job.adapter_hash))
             )
-            routed = [(int(job_id), str(model)) for job_id, model in session.execute(statement)]
+            routed = [(int(row[0]), spec_key(*row[1:])) for row in session.execute(statement)]
             session.commit()
             summary.queued = send_by_model(app, routed, queue=settings.queue)
             return summary
@@ -287,7 +301,8 @@ def retry_jobs(
                     .where(col(Job.id) == job.id, col(Job.status).in_(list(states)))
                     .values(**new[job.id], **REQUEUED, queued_at=utcnow())
                 )
-                ids.append((job.id, str(new[job.id].get("model", job.model))))
+                values = new[job.id]
+                ids.append((job.id, spec_key(values["model"], values["quantize"], values["adapter_hash"])))
             try:
                 session.commit()
             except IntegrityError:

@@ -248,8 +248,8 @@ class EndpointLease:
         )
         return self
 
-    def renew(self) -> None:
-        if self.lease is not None and renew(self.engine, self.lease):
+    def renew(self, **values: Any) -> None:
+        if self.lease is not None and renew(self.engine, self.lease, **values):
             return
         log.warning(
             "%s %s: its row was gone (judged dead while alive?); registering again", self.kind, self.url

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from celery import Celery
 
@@ -64,9 +65,11 @@ def broker_was_wiped(settings: Settings, app: Celery) -> bool:
 class WorkerHeartbeat:
     """Registers this worker process, keeps it fresh, and runs recovery on each beat."""
 
-    def __init__(self, settings: Settings, name: str) -> None:
+    def __init__(self, settings: Settings, name: str, state: Callable[[], str] | None = None) -> None:
         self.settings = settings
         self.name = name
+        # The model's state, shown by `status` ("idle-unloaded" is alive, not dead).
+        self.state = state
         self.engine = db.get_engine(settings.effective_database_url)
         self.app = make_celery(settings)
         self.endpoint = leases.EndpointLease(
@@ -83,7 +86,7 @@ class WorkerHeartbeat:
 
     def _beat(self) -> None:
         # First the row, so a broken Redis never makes a live worker look dead.
-        self.endpoint.renew()
+        self.endpoint.renew(**({"state": self.state()} if self.state is not None else {}))
         self._beats += 1
         settle = stale_after(self.settings)
         full = self._beats % SWEEP_BEATS == 0

@@ -60,6 +60,15 @@ class JobBase(SQLModel):
     name: str | None = Field(default=None, sa_column=Column(Text))
     prompt: str = Field(sa_column=Column(Text, nullable=False))
     model: str = Field(sa_column=Column(Text, nullable=False))
+    # none, 8bit or nf4, and the LoRA adapter (folder, hash of its files): with the model, what a
+    # worker must load to take the job (modelspec.ModelSpec).
+    quantize: str = Field(
+        default="none", sa_column=Column(Text, nullable=False, default="none", server_default="none")
+    )
+    adapter: str = Field(default="", sa_column=Column(Text, nullable=False, default="", server_default=""))
+    adapter_hash: str = Field(
+        default="", sa_column=Column(Text, nullable=False, default="", server_default="")
+    )
     gen_params: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
     prepend: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     append: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
@@ -121,6 +130,8 @@ class Endpoint(SQLModel, table=True):
     host: str = Field(max_length=255)
     pid: int
     owner: str | None = Field(default=None, max_length=64)  # as Watcher.owner
+    # A worker's model state, written with each beat: "loaded", "loading", "idle-unloaded".
+    state: str | None = Field(default=None, sa_column=Column(Text))
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
 

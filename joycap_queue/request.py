@@ -15,6 +15,7 @@ from typing import Any
 from joycap_queue import prompts
 from joycap_queue.config import Settings, tiny_model_info
 from joycap_queue.errors import OptionError
+from joycap_queue.modelspec import ModelSpec, spec_of
 from joycap_queue.prompts import CaptionOptions, WeightedPrompt, build_prompt, draw_prompt
 from joycap_queue.sidecars import OutputOptions
 
@@ -31,6 +32,13 @@ class CaptionRequest:
     prepend: str = ""
     append: str = ""
     outputs: OutputOptions = field(default_factory=OutputOptions)
+    quantize: str = "none"
+    adapter: str = ""
+    adapter_hash: str = ""
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.quantize, self.adapter, self.adapter_hash)
 
     def prompt_for(self, content_hash: str) -> str:
         # A prompt file draws per image, seeded by the content, so re-submitting the same image
@@ -47,16 +55,20 @@ class CaptionRequest:
 
 
 def dedup_key(content_hash: str, prompt: str, request: CaptionRequest) -> str:
+    material_list: list[Any] = [
+        content_hash,
+        request.profile,
+        prompt,
+        request.model,
+        request.gen_params,
+        request.prepend,
+        request.append,
+    ]
+    if not request.spec.plain:
+        # Only then: keys of plain-model jobs stay what they were before quantization existed.
+        material_list.append({"quantize": request.quantize, "adapter": request.adapter_hash})
     material = json.dumps(
-        [
-            content_hash,
-            request.profile,
-            prompt,
-            request.model,
-            request.gen_params,
-            request.prepend,
-            request.append,
-        ],
+        material_list,
         sort_keys=True,
         ensure_ascii=False,
     )
@@ -110,9 +122,13 @@ def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
         prompt_file = tuple(prompts.parse_prompt_file(params["prompt_file"]))
     else:
         prompts.build_prompt(profile, options)  # validates the name option before anything is queued
+    spec = spec_of(settings.model, settings.quantize, settings.lora)
     return CaptionRequest(
         profile=profile,
         model=settings.model,
+        quantize=spec.quantize,
+        adapter=spec.adapter,
+        adapter_hash=spec.adapter_hash,
         options=options,
         prompt_file=prompt_file,
         gen_params=generation_params(settings),

@@ -167,7 +167,15 @@ def test_file_formats_and_filters(
 
     service.cli("export", "--format", "hf-dataset", "-o", str(out / "hf"))
     dataset = datasets.load_from_disk(str(out / "hf"))
-    assert dataset.column_names == ["image", "im_name", "joy-caption", "prompt", "model"]
+    assert dataset.column_names == [
+        "image",
+        "im_name",
+        "joy-caption",
+        "prompt",
+        "model",
+        "quantize",
+        "adapter",
+    ]
     assert sorted(dataset["joy-caption"]) == ALL_CAPTIONS
     assert dataset[0]["image"].size == Image.open(cats[0]).size
 

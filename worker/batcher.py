@@ -42,6 +42,9 @@ class CaptionService(Protocol):
     @property
     def model_id(self) -> str: ...
 
+    @property
+    def serving_key(self) -> str: ...
+
     def caption_one(self, item: CaptionInput, params: GenerationParams) -> CaptionOutput: ...
 
 
@@ -173,6 +176,10 @@ class Batcher(CaptionStream):
     @property
     def model_id(self) -> str:
         return self.backend.model_id
+
+    @property
+    def serving_key(self) -> str:
+        return self.backend.serving_key
 
     def describe(self) -> str:
         return f"{self.backend.describe()}, batches of up to {self.max_batch_size}"

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from joycap_queue.errors import first_line
+from joycap_queue.errors import OptionError, first_line
+from joycap_queue.modelspec import ModelSpec, spec_of
 from worker.backends.base import (
     Backend,
     CaptionInput,
@@ -30,6 +31,7 @@ from worker.backends.base import (
     ModelLoadError,
 )
 from worker.backends.encoding import PromptEncoder
+from worker.lora import apply_adapter
 from worker.preprocess import preprocess_image
 
 __all__ = [
@@ -103,9 +105,20 @@ class Captioner(Backend):
     name = "transformers"
 
     def __init__(
-        self, model: str, *, device: str = "auto", dtype: str = "auto", torch_threads: int = 0
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        torch_threads: int = 0,
+        quantize: str = "none",
+        lora: str = "",
     ) -> None:
         self.model_id = model
+        self.quantize = quantize
+        self.lora = lora
+        self.spec = ModelSpec(model, quantize)
+        self.weights_bytes = 0
         self.device = device
         self.requested_dtype = dtype
         self.dtype: torch.dtype | None = None
@@ -122,6 +135,10 @@ class Captioner(Backend):
     @property
     def is_loaded(self) -> bool:
         return self._model is not None
+
+    @property
+    def serving_key(self) -> str:
+        return self.spec.key
 
     @property
     def tokenizer(self) -> Any:
@@ -153,12 +170,23 @@ class Captioner(Backend):
                 torch.set_num_threads(self.torch_threads)
             source = source_folder(self.model_id)
             try:
+                # The adapter is checked (and hashed) before 16 GB of weights are read for nothing.
+                self.spec = spec_of(self.model_id, self.quantize, self.lora)
+            except OptionError as exc:
+                raise ModelLoadError(str(exc)) from None
+            try:
                 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
                 tokenizer = AutoTokenizer.from_pretrained(source)
                 kwargs: dict[str, Any] = {"dtype": dtype}
-                # transformers 5 wants accelerate for any device_map, even a single device.
-                direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
+                quantization = quantization_config(self.quantize, dtype)
+                if quantization is not None:
+                    kwargs["quantization_config"] = quantization
+                # transformers 5 wants accelerate for any device_map, even a single device; and
+                # bitsandbytes places the weights it quantizes through one, the CPU included.
+                direct = (device != "cpu" or quantization is not None) and importlib.util.find_spec(
+                    "accelerate"
+                ) is not None
                 if direct:
                     kwargs["device_map"] = device
                 # Any: transformers' @wraps on .to() confuses mypy.
@@ -167,17 +195,33 @@ class Captioner(Backend):
                     model.to(device)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load model {self.model_id!r}: {first_line(exc)}") from exc
+            if self.spec.adapter:
+                model = apply_adapter(model, self.spec.adapter, merge=self.quantize == "none")
             model.eval()
             self._configure(model, tokenizer)
             self.device, self.dtype = device, model.dtype
+            self.weights_bytes = int(model.get_memory_footprint())
             self._tokenizer, self._model = tokenizer, model
             log.info(
-                "loaded %s on %s (%s) in %.1f s",
-                self.model_id,
+                "loaded %s on %s (%s) in %.1f s; the weights take %.2f GiB",
+                self.spec.describe(),
                 device,
                 self.dtype,
                 time.monotonic() - started,
+                self.weights_bytes / 2**30,
             )
+
+    def unload(self) -> None:
+        """Free the model and its memory (idle unload); the next ``load()`` reads it again."""
+        with self._load_lock:
+            if self._model is None:
+                return
+            self._model = None
+            self._encoder = None
+            gc.collect()
+            if str(self.device).startswith("cuda"):
+                torch.cuda.empty_cache()
+            log.info("unloaded %s: its memory is free until the next job", self.spec.describe())
 
     def use_model(self, model: Any, tokenizer: Any) -> None:
         """Adopt a model already in memory instead of loading one (benchmarks build theirs on the GPU)."""
@@ -200,7 +244,13 @@ class Captioner(Backend):
         self._encoder = encoder
 
     def describe(self) -> str:
-        return f"transformers on {self.device} ({self.dtype})"
+        extras = "".join(
+            [
+                f", {self.quantize}" if self.quantize != "none" else "",
+                f", LoRA {self.spec.adapter_hash}" if self.spec.adapter_hash else "",
+            ]
+        )
+        return f"transformers on {self.device} ({self.dtype}{extras})"
 
     def encode_prompt(self, prompt: str, system_prompt: str) -> list[int]:
         """Input ids for one image: one BOS, the turns, the image token expanded, the assistant header."""
@@ -257,6 +307,43 @@ class Captioner(Backend):
     def _decode(self, tokens: list[int], *, prompt_tokens: int) -> CaptionOutput:
         text, output_tokens = self.encoder.decode_reply(tokens)
         return CaptionOutput(caption=text, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+
+
+# Kept in the model dtype when quantizing: the vision tower (SigLIP, its head's out_proj included:
+# 4-bit JoyCaption broke in other tools when it was quantized), the projector, and lm_head.
+# transformers 5 matches these from the start of a module's name (or as its suffix), and moved
+# the towers under ``model.``: bare "vision_tower" would quantize SigLIP after all.
+UNQUANTIZED_MODULES = [
+    "model.vision_tower",
+    "model.multi_modal_projector",
+    "vision_tower",
+    "multi_modal_projector",
+    "lm_head",
+]
+
+
+def quantization_config(quantize: str, dtype: torch.dtype) -> Any:
+    """transformers' BitsAndBytesConfig for ``quantize`` (None for "none")."""
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes logs a warning on every 8-bit matmul of a float input (hundreds a decode
+    # step) and on the CPU that an optional kernel package is missing: noise in a worker's log.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            # Weights stored in 4 bits, matmuls in the model dtype (bf16 on a GPU).
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        )
+    raise ModelLoadError(f"unknown quantization {quantize!r}; choose none, 8bit or nf4")
 
 
 class ForcedLengths:

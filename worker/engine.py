@@ -115,6 +115,10 @@ class ContinuousEngine(CaptionStream):
         return self.captioner.model_id
 
     @property
+    def serving_key(self) -> str:
+        return self.captioner.serving_key
+
+    @property
     def max_batch_size(self) -> int:
         return self.slots
 

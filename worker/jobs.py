@@ -22,6 +22,7 @@ from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.images import ImageError, check_allowed, open_image_rgb, read_verified
 from joycap_queue.models import JobStatus
+from joycap_queue.modelspec import spec_key
 from joycap_queue.prompts import system_prompt
 from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
@@ -111,8 +112,9 @@ def _run(
     job = claim.job
     wants_outputs = OutputOptions.from_json(job.outputs).active  # most jobs ask for none
     started = time.monotonic()
-    if job.model != captioner.model_id:
-        return _hand_on(engine, settings, job_id, job.model, worker_name)
+    wanted = spec_key(job.model, job.quantize, job.adapter_hash)
+    if wanted != captioner.serving_key:
+        return _hand_on(engine, settings, job_id, wanted, worker_name)
     try:
         check_allowed(Path(job.path), settings.allowed_root_paths)
         data = read_verified(Path(job.path), job.content_hash)
@@ -174,8 +176,9 @@ def _run(
 
 
 def _hand_on(engine: Engine, settings: Settings, job_id: int, model: str, worker_name: str) -> JobOutcome:
-    """A job for another model, from the shared queue (sent before routing): back to `queued`
-    uncounted and on to its model's queue, for a worker of that model. Never failed here."""
+    """A job for another model (or quantization, or adapter: ``model`` is its ModelSpec key), from
+    the shared queue: back to `queued` uncounted and on to its model's queue, for a worker that
+    serves it. Never failed here."""
     from joycap_queue.queue import make_celery, send_caption_jobs
 
     if db.return_to_queue(

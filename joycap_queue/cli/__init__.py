@@ -49,9 +49,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from joycap_queue.cli import deploy, export, inspect, manage, prompt, run, submit, watch
+    from joycap_queue.cli import deploy, export, inspect, manage, model, prompt, run, submit, watch
 
-    for module in (submit, watch, inspect, prompt, run, deploy, export, manage):
+    for module in (submit, watch, inspect, prompt, run, model, deploy, export, manage):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -29,6 +29,7 @@ from joycap_queue.cli.options import (
     model_options,
     output_options,
     tiny_model_notice,
+    variant_options,
 )
 from joycap_queue.config import Settings, mask_url, settings_environment
 from joycap_queue.errors import JoycapError, OptionError
@@ -220,6 +221,7 @@ def detect_gpus() -> int:
 @caption_options
 @generation_options
 @model_options
+@variant_options
 @connection_options
 def up(
     inbox: Path, no_flower: bool, polling: bool, port: int, address: str, no_auth: bool, **params: Any

@@ -19,6 +19,7 @@ from joycap_queue.cli.options import (
     generation_options,
     model_options,
     tiny_model_notice,
+    variant_options,
 )
 from joycap_queue.cli.output import echo_rejections, printable, progress
 from joycap_queue.datasource import resolve_source
@@ -278,6 +279,7 @@ def _write_text(
 @caption_options
 @generation_options
 @model_options
+@variant_options
 @connection_options
 def submit_dataset(
     source: str,

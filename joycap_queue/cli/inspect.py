@@ -17,6 +17,7 @@ from joycap_queue.cli.options import build_settings, connection_options, tiny_mo
 from joycap_queue.cli.output import printable, table
 from joycap_queue.models import JobStatus, utcnow
 from joycap_queue.outages import OutageWait
+from joycap_queue.recovery import WORKER_KIND, stale_after
 from joycap_queue.watcher import STALE_AFTER
 
 FLOWER_STALE = timedelta(seconds=20)
@@ -32,7 +33,9 @@ def _format_eta(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
-def status_report(session: Session, submission_id: int | None) -> tuple[str, dict[str, int]]:
+def status_report(
+    session: Session, submission_id: int | None, *, worker_stale: timedelta = timedelta(seconds=20)
+) -> tuple[str, dict[str, int]]:
     counts = db.status_counts(session, submission_id=submission_id)
     total = sum(counts.values())
     rate = db.rate_per_minute(session, window=RATE_WINDOW, submission_id=submission_id)
@@ -47,9 +50,23 @@ def status_report(session: Session, submission_id: int | None) -> tuple[str, dic
     elif remaining:
         lines.append(f"eta: unknown ({remaining} images waiting, nothing finished recently)")
     lines.extend(watcher_lines(session))
+    lines.extend(worker_lines(session, worker_stale))
     for endpoint in db.active_endpoints(session, kind="flower", stale_after=FLOWER_STALE):
         lines.append(f"flower: {endpoint.url} (pid {endpoint.pid} on {endpoint.host})")
     return "\n".join(lines), counts
+
+
+def worker_lines(session: Session, stale_after: timedelta) -> list[str]:
+    """Live workers (a heartbeat within ``stale_after``) and their model's state."""
+    workers = db.active_endpoints(session, kind=WORKER_KIND, stale_after=stale_after)
+    if not workers:
+        return []
+    lines = ["workers:"]
+    for worker in sorted(workers, key=lambda w: w.url):
+        lines.append(
+            f"  {printable(worker.url, one_line=True)}: {worker.state or 'loaded'} (pid {worker.pid} on {worker.host})"
+        )
+    return lines
 
 
 def watcher_lines(session: Session) -> list[str]:
@@ -116,7 +133,7 @@ def status(
     while True:
         counts = None
         with outages.guard(time.monotonic()) if watch else nullcontext(), Session(engine) as session:
-            report, counts = status_report(session, submission_id)
+            report, counts = status_report(session, submission_id, worker_stale=stale_after(settings))
         if counts is not None:
             if watch and sys.stdout.isatty():
                 click.clear()

@@ -16,6 +16,7 @@ from joycap_queue.cli.options import (
     connection_options,
     generation_options,
     model_options,
+    variant_options,
 )
 from joycap_queue.errors import OptionError
 from joycap_queue.jobcontrol import (
@@ -27,6 +28,7 @@ from joycap_queue.jobcontrol import (
     submission_counts,
 )
 from joycap_queue.models import JobStatus
+from joycap_queue.modelspec import check_adapter, check_quantize
 
 MAX_LISTED_CONFLICTS = 10
 
@@ -64,6 +66,8 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
         model=settings.model if given("model") else None,
         profile=settings.profile if given("profile") else None,
         generation={name: getattr(settings, name) for name in GENERATION_SETTINGS if given(name)},
+        quantize=check_quantize(settings.quantize) if given("quantize") else None,
+        adapter=(check_adapter(settings.lora) if settings.lora else ("", "")) if given("lora") else None,
     )
 
 
@@ -79,6 +83,7 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
 @caption_options
 @generation_options
 @model_options
+@variant_options
 @connection_options
 def retry(
     submission_ids: tuple[int, ...], path_pattern: str | None, states: tuple[str, ...], **params: Any
@@ -93,6 +98,7 @@ def retry(
       joycap-queue retry                                   # every failed job
       joycap-queue retry --submission 3 --max-new-tokens 300
       joycap-queue retry --path '*/cats/*' -t Straightforward --model ./other-checkpoint
+      joycap-queue retry --submission 5 --quantize none --lora ./better-lora
       joycap-queue retry --state cancelled --submission 4  # what `cancel` put off
     """
     settings = build_settings(params)

@@ -16,7 +16,7 @@ from joycap_queue.request import normalize_model
 F = TypeVar("F", bound=Callable[..., Any])
 
 CONNECTION_SETTINGS = ("broker_url", "database_url")
-MODEL_SETTINGS = ("model", "profile", "device", "dtype", "torch_threads")
+MODEL_SETTINGS = ("model", "profile", "device", "dtype", "torch_threads", "quantize", "lora")
 GENERATION_SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "greedy", "seed")
 
 
@@ -63,6 +63,30 @@ def model_options(func: F) -> F:
                 show_envvar=True,
                 type=click.Choice(prompts.PROFILES),
                 help="Prompt vocabulary [default: follows the model: alpha-two for an alpha checkpoint].",
+            ),
+        ],
+    )
+
+
+def variant_options(func: F) -> F:
+    """Quantization and LoRA adapter: what the worker loads, and part of what a job asks for."""
+    return _apply(
+        func,
+        [
+            click.option(
+                "--quantize",
+                envvar="JOYCAP_QUANTIZE",
+                show_envvar=True,
+                type=click.Choice(["none", "8bit", "nf4"]),
+                help="Load the language model in 8 or 4 bits (bitsandbytes) to fit a 12-16 GB card; the "
+                "vision tower, projector and lm_head stay unquantized [default: none].",
+            ),
+            click.option(
+                "--lora",
+                envvar="JOYCAP_LORA",
+                show_envvar=True,
+                help="A LoRA adapter folder (peft, as upstream's finetuning/train.py saves it) applied "
+                "over --model [default: none].",
             ),
         ],
     )
@@ -215,6 +239,8 @@ def build_settings(params: dict[str, Any]) -> Settings:
         raise bad_setting(exc) from None
     if settings.model != normalize_model(settings.model):
         settings = settings.model_copy(update={"model": normalize_model(settings.model)})
+    if settings.lora and settings.lora != normalize_model(settings.lora):
+        settings = settings.model_copy(update={"lora": normalize_model(settings.lora)})
     return settings
 
 

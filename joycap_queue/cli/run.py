@@ -1,4 +1,4 @@
-"""Commands that run the model: `worker`, `caption` and `model make-tiny`.
+"""Commands that run the model: `worker` and `caption`.
 
 They import the heavy side (torch, transformers) inside the command, so the rest of the CLI
 starts without it.
@@ -28,6 +28,7 @@ from joycap_queue.cli.options import (
     generation_options,
     model_options,
     tiny_model_notice,
+    variant_options,
 )
 from joycap_queue.cli.output import printable, progress
 from joycap_queue.config import Settings, get_settings, settings_environment
@@ -80,6 +81,7 @@ WORKER_SETTINGS = (
     "gpus",
     "openai_url",
     "shutdown_grace_s",
+    "idle_unload_s",
 )
 GENERATE_SWITCH_INTERVAL_S = 0.0005
 
@@ -186,7 +188,16 @@ engine_option = click.option(
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--idle-unload-s",
+    type=click.FloatRange(min=0),
+    envvar="JOYCAP_IDLE_UNLOAD_S",
+    show_envvar=True,
+    help="Free the model (and the GPU's memory) after this many seconds without jobs, and load it "
+    "again when the next one comes; for a GPU shared with training [default: 0, never].",
+)
 @model_options
+@variant_options
 @device_options
 @connection_options
 def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
@@ -202,6 +213,7 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
       joycap-queue worker --model ./tiny-model --device cpu
       joycap-queue worker --gpus all -b auto
       joycap-queue worker --engine generate -b 16
+      joycap-queue worker --quantize nf4 --lora ./my-lora --idle-unload-s 600
       joycap-queue worker --backend openai --openai-url http://127.0.0.1:8000/v1 -c 32
     """
     settings = with_worker_options(build_settings(params), params)
@@ -247,29 +259,34 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     from celery.signals import celeryd_after_setup
 
     from worker.app import app
+    from worker.idle import model_info_step, model_state
 
+    app.steps["worker"].add(model_info_step(stream))
     heartbeats: list[WorkerHeartbeat] = []
 
     def register(sender: str, **_: Any) -> None:
         # Under the node name Celery settled on (%h expanded): the name its jobs are claimed by.
-        heartbeats.append(WorkerHeartbeat(settings, sender).start())
+        heartbeats.append(WorkerHeartbeat(settings, sender, state=lambda: model_state(stream)).start())
 
     celeryd_after_setup.connect(register, weak=False)
     try:
-        _run_celery_worker(app, settings, hostname, loglevel)
+        _run_celery_worker(app, settings, stream.serving_key, hostname, loglevel)
     finally:
         for heartbeat in heartbeats:
             heartbeat.stop()
 
 
-def _run_celery_worker(app: Any, settings: Settings, hostname: str | None, loglevel: str) -> None:
+def _run_celery_worker(
+    app: Any, settings: Settings, serving: str, hostname: str | None, loglevel: str
+) -> None:
     app.worker_main(
         [
             "worker",
             "--pool=threads",
             f"--concurrency={settings.effective_concurrency}",
-            # Its model's queue, and the shared one (messages sent before jobs were routed by model).
-            f"--queues={model_queue(settings.queue, settings.model)},{settings.queue}",
+            # Its model's queue (model, quantization and adapter: ModelSpec.key), and the shared
+            # one (messages sent before jobs were routed by model).
+            f"--queues={model_queue(settings.queue, serving)},{settings.queue}",
             f"--hostname={hostname or 'joycap@' + socket.gethostname()}",
             f"--loglevel={loglevel}",
             "--task-events",
@@ -295,6 +312,7 @@ def _run_celery_worker(app: Any, settings: Settings, hostname: str | None, logle
 @caption_options
 @generation_options
 @model_options
+@variant_options
 @device_options
 def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: Any) -> None:
     """Caption images right here, without the queue or the database (upstream's example as a command).
@@ -303,8 +321,10 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
     Examples:
       joycap-queue caption photo.jpg
       joycap-queue caption photos/ -b 8 -t Straightforward --json > captions.jsonl
+      joycap-queue caption photo.jpg --quantize nf4 --lora ./my-lora
     """
-    settings = with_worker_options(build_settings(params), params)
+    # One command, one run: idle unload is the worker's alone.
+    settings = with_worker_options(build_settings(params), params).model_copy(update={"idle_unload_s": 0})
     request = build_request(settings, params)
     tiny_model_notice(settings.model)
     from joycap_queue.prompts import system_prompt
@@ -361,37 +381,4 @@ def _batch_captioner(settings: Settings, captioner: Any) -> Any:
     return caption_batch
 
 
-@click.group()
-def model() -> None:
-    """Model utilities.
-
-    \b
-    Example:
-      joycap-queue model make-tiny ./tiny-model
-    """
-
-
-@model.command("make-tiny")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--profile", type=click.Choice(["alpha-two", "beta-one"]), default="beta-one", show_default=True
-)
-def make_tiny(directory: Path, seed: int, profile: str) -> None:
-    """Build a tiny random-weight JoyCaption-shaped model offline, for tests and the demo.
-
-    Same classes and config keys as JoyCaption (LLaVA: SigLIP 384 px vision tower, Llama text
-    model, 729 image tokens), a few MB, built in seconds. Its captions are random text.
-
-    \b
-    Example:
-      joycap-queue model make-tiny ./tiny-model && JOYCAP_MODEL=./tiny-model joycap-queue worker
-    """
-    from worker.tiny import build_tiny_model
-
-    out = build_tiny_model(directory, seed=seed, profile=profile)
-    click.echo(str(Path(out).resolve()))
-    tiny_model_notice(str(out))
-
-
-COMMANDS = [worker, caption, model]
+COMMANDS = [worker, caption]

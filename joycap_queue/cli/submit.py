@@ -18,6 +18,7 @@ from joycap_queue.cli.options import (
     model_options,
     output_options,
     tiny_model_notice,
+    variant_options,
 )
 from joycap_queue.cli.output import echo_rejections, progress
 from joycap_queue.errors import ServiceUnavailable
@@ -37,6 +38,7 @@ from joycap_queue.watchconfig import output_options as output_options_for
 @caption_options
 @generation_options
 @model_options
+@variant_options
 @connection_options
 def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any) -> None:
     """Queue caption jobs for image files and folders.

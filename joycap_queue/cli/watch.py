@@ -18,6 +18,7 @@ from joycap_queue.cli.options import (
     model_options,
     output_options,
     tiny_model_notice,
+    variant_options,
 )
 from joycap_queue.watchconfig import WatchConfig, inbox_config, load_watch_config
 from joycap_queue.watcher import FolderWatcher
@@ -61,6 +62,7 @@ from joycap_queue.watcher import FolderWatcher
 @caption_options
 @generation_options
 @model_options
+@variant_options
 @connection_options
 def watch(
     inboxes: tuple[Path, ...],

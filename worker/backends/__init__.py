@@ -36,7 +36,12 @@ def make_backend(settings: Settings) -> Backend:
         from worker.captioner import Captioner
 
         return Captioner(
-            settings.model, device=settings.device, dtype=settings.dtype, torch_threads=settings.torch_threads
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            torch_threads=settings.torch_threads,
+            quantize=settings.quantize,
+            lora=settings.lora,
         )
     if settings.backend == "vllm":
         from worker.backends.vllm_engine import VllmBackend

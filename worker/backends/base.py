@@ -125,6 +125,11 @@ class Backend(ABC):
     model_id: str
     device: str = "?"
 
+    @property
+    def serving_key(self) -> str:
+        """The jobs this backend takes: those whose ``ModelSpec.key`` is this (modelspec.py)."""
+        return self.model_id
+
     @abstractmethod
     def load(self) -> None:
         """Make the backend ready; idempotent. ``ModelLoadError`` with one line if it cannot be."""
