@@ -1,7 +1,8 @@
 """Real services for the tests: a redis-server per session, PostgreSQL schemas, worker processes.
 
 Nothing here is a mock: Redis is a `redis-server` child process on a free port, the database is a
-SQLite file or a schema of its own in the PostgreSQL on 127.0.0.1:5432, and a worker is
+SQLite file or a schema of its own in the PostgreSQL on 127.0.0.1:5432 (or, where none answers
+there, in a PostgreSQL the session starts itself: tests/postgres_server.py), and a worker is
 `joycap-queue worker` in a subprocess running the tiny model through transformers.
 """
 
@@ -20,18 +21,21 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from joycap_queue import db
 from joycap_queue.config import Settings
 from joycap_queue.queue import queues_key
 from joycap_queue.services import RedisServer, start_redis
+from tests import postgres_server
+from tests.postgres_server import answers, start_postgres
 
 # Read when huggingface_hub is first imported, so set before any test module imports transformers.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-PG_BASE_URL = os.environ.get("JOYCAP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# JOYCAP_TEST_OWN_POSTGRES=1 starts the tests' own server even where 5432 answers (to test that path).
+OWN_POSTGRES = os.environ.get("JOYCAP_TEST_OWN_POSTGRES") == "1"
 # Small generations keep the end-to-end tests quick; the code path is the same as for 256 tokens.
 TEST_MAX_NEW_TOKENS = "12"
 
@@ -66,14 +70,42 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'joycap.db'}"
 
 
+@pytest.fixture(scope="session")
+def postgres_base_url() -> Iterator[str]:
+    """The `test` database of the PostgreSQL on 127.0.0.1:5432, or of one started for the session."""
+    given = os.environ.get("JOYCAP_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    if answers("127.0.0.1", 5432) and not OWN_POSTGRES:
+        yield postgres_server.DEFAULT_URL
+        return
+    server = start_postgres()
+    yield server.url
+    db.dispose_engines()
+    server.stop()
+
+
+def postgres_address(url: str) -> tuple[str, int]:
+    """(host, port) of a PostgreSQL URL: where a test's proxy forwards to."""
+    parsed = make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
+
+
+def through(url: str, port: int) -> str:
+    """``url`` with its server's port replaced by ``port`` (a proxy in front of it)."""
+    host, real = postgres_address(url)
+    return url.replace(f"{host}:{real}", f"127.0.0.1:{port}", 1)
+
+
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def postgres_url(postgres_base_url: str) -> Iterator[str]:
     """A schema of its own in the `test` database, dropped afterwards."""
     schema = f"joycap_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_BASE_URL)
+    admin = create_engine(postgres_base_url)
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    yield f"{PG_BASE_URL}?options=-csearch_path%3D{schema}"
+    yield f"{postgres_base_url}?options=-csearch_path%3D{schema}"
     db.dispose_engines()
     with admin.begin() as conn:
         conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -173,6 +205,10 @@ def service_for(
             JOYCAP_MAX_NEW_TOKENS=TEST_MAX_NEW_TOKENS,
             JOYCAP_DATA_DIR=str(tmp_path / "data"),
             OMP_NUM_THREADS="1",
+            # The tiny model's random captions mostly run to the token limit: re-trying each
+            # would triple every test's captioning and change its greedy captions. The quality
+            # guard's own tests turn re-tries on.
+            JOYCAP_QUALITY_RETRIES="0",
         )
         service = Service(env, tmp_path)
         original = service.start_worker

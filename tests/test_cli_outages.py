@@ -33,7 +33,7 @@ from joycap_queue.config import Settings
 from joycap_queue.models import Job
 from joycap_queue.requeue import job_ids_in_broker
 from joycap_queue.services import start_redis
-from tests.conftest import Service, wait_until
+from tests.conftest import Service, postgres_address, through, wait_until
 from tests.netproxy import CuttableProxy
 from tests.test_pipeline import jobs_in
 from tests.watching import png_bytes
@@ -202,8 +202,8 @@ class Proxy(CuttableProxy):
 @pytest.fixture
 def postgres_proxy(postgres_url: str) -> Iterator[tuple[CuttableProxy, str]]:
     """A cuttable proxy to the test's PostgreSQL schema, and the URL through it."""
-    proxy = Proxy(("127.0.0.1", 5432)).start()
-    yield proxy, postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    proxy = Proxy(postgres_address(postgres_url)).start()
+    yield proxy, through(postgres_url, proxy.port)
     proxy.cut()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Service, wait_until
+from tests.conftest import Service, postgres_address, through, wait_until
 from tests.netproxy import CuttableProxy
 from tests.test_pipeline import all_finished, jobs_in
 
@@ -20,8 +20,8 @@ def test_worker_retries_its_writes_while_postgres_is_away(
     image_factory: Callable[..., list[Path]],
     tmp_path: Path,
 ) -> None:
-    proxy = CuttableProxy(("127.0.0.1", 5432)).start()
-    through_proxy = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    proxy = CuttableProxy(postgres_address(postgres_url)).start()
+    through_proxy = through(postgres_url, proxy.port)
     image_factory(tmp_path / "in", 2)
     service = service_for(through_proxy)
     # The two jobs wait 20 s for batchmates, so their captions are computed only after the test

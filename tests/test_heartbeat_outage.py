@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from joycap_queue import db
 from joycap_queue.models import Endpoint
-from tests.conftest import Service, wait_until
+from tests.conftest import Service, postgres_address, through, wait_until
 from tests.netproxy import CuttableProxy
 from tests.test_pipeline import all_finished, jobs_in
 
@@ -56,8 +56,8 @@ def test_the_heartbeat_thread_survives_a_database_outage_and_beats_again(
     image_factory: Callable[..., list[Path]],
     tmp_path: Path,
 ) -> None:
-    proxy = RefusingProxy(("127.0.0.1", 5432)).start()
-    through_proxy = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    proxy = RefusingProxy(postgres_address(postgres_url)).start()
+    through_proxy = through(postgres_url, proxy.port)
     service = service_for(through_proxy)
     service.env["JOYCAP_WORKER_HEARTBEAT_S"] = str(HEARTBEAT_S)
     try:

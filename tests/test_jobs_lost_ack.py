@@ -20,6 +20,7 @@ from sqlmodel import Session
 from joycap_queue import db
 from joycap_queue.models import Job
 from joycap_queue.services import free_port
+from tests.conftest import postgres_address, through
 from tests.test_db import insert
 from worker.completions import CompletionWriter
 
@@ -77,8 +78,8 @@ class AckLosingProxy:
 
 @pytest.fixture
 def through_proxy(postgres_url: str) -> Iterator[tuple[str, AckLosingProxy]]:
-    proxy = AckLosingProxy(("127.0.0.1", 5432))
-    yield postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"), proxy
+    proxy = AckLosingProxy(postgres_address(postgres_url))
+    yield through(postgres_url, proxy.port), proxy
     db.dispose_engines()
     proxy.close()
 
