@@ -9,6 +9,7 @@ captions back in the dataset's order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +27,12 @@ from joycap_queue.images import ImageError
 from joycap_queue.imagestore import StoredImage, store_image, store_root
 from joycap_queue.intake import enqueue_images
 from joycap_queue.models import DatasetRow, JobStatus, Submission
+from joycap_queue.prompts import build_prompt
 from joycap_queue.queue import make_celery, ping_broker
-from joycap_queue.request import CaptionRequest, build_request, dedup_key
+from joycap_queue.request import CaptionRequest, build_requests, dedup_key
 
 BATCH_ROWS = 500
+NAME_OPTION = 0  # the extra option that names the person: prompts.EXTRA_OPTION_KEYS[0]
 
 
 @dataclass
@@ -45,36 +48,46 @@ class DatasetSummary:
 
 
 class NameRequests:
-    """One CaptionRequest per distinct name: the name is part of the prompt, so of the dedup key.
+    """The CaptionRequests (one per prompt) for each distinct name: the name is part of the
+    prompt, so of the dedup key.
 
     With a name column, the name extra option is added to the caption options when missing (that
     is what the column is for), and a custom prompt's ``{name}`` is replaced. Rows without a name
-    use the request as given.
+    use the requests as given.
     """
 
     def __init__(self, settings: Settings, params: dict[str, Any], *, by_name: bool) -> None:
-        self.settings = settings
-        self.params = params
         self.by_name = by_name
-        self.base = build_request(settings, params)
-        self._named: dict[str, CaptionRequest] = {}
+        self.base = build_requests(settings, params)
+        self._named: dict[str, list[CaptionRequest]] = {}
         if by_name:
             self.for_name("Name")  # checks the options with a name before anything is written
 
-    def for_name(self, name: str | None) -> CaptionRequest:
+    def for_name(self, name: str | None) -> list[CaptionRequest]:
         if not self.by_name or not name:
             return self.base
-        request = self._named.get(name)
-        if request is None:
-            params = dict(self.params, name=name)
-            extra = tuple(params.get("extra") or ())
-            if 0 not in self.base.options.extra:
-                params["extra"] = ("name", *extra)
-            custom = params.get("custom_prompt")
-            if custom:
-                params["custom_prompt"] = custom.replace("{name}", name)
-            request = self._named[name] = build_request(self.settings, params)
-        return request
+        requests = self._named.get(name)
+        if requests is None:
+            requests = self._named[name] = [_named(request, name) for request in self.base]
+            for request in requests:
+                if not request.prompt_file:
+                    build_prompt(request.profile, request.options)
+        return requests
+
+
+def _named(request: CaptionRequest, name: str) -> CaptionRequest:
+    options = request.options
+    extra = options.extra if NAME_OPTION in options.extra else (NAME_OPTION, *options.extra)
+    custom = options.custom_prompt
+    return dataclasses.replace(
+        request,
+        options=dataclasses.replace(
+            options,
+            name=name,
+            extra=extra,
+            custom_prompt=custom.replace("{name}", name) if custom else custom,
+        ),
+    )
 
 
 @dataclass
@@ -82,6 +95,7 @@ class _Planned:
     row: SourceRow
     stored: StoredImage
     key: str
+    slot: int  # which of the requests (prompts): their jobs are created in this order, per row
 
 
 def submit_dataset(
@@ -110,8 +124,8 @@ def submit_dataset(
         submission = db.create_submission(
             session,
             source=[f"{source.key}#{split_name}"],
-            options=json.dumps(requests.base.describe(), sort_keys=True),
-            model=requests.base.model,
+            options=json.dumps(requests.base[0].describe(), sort_keys=True),
+            model=requests.base[0].model,
         )
         summary.submission_id = submission.id
     if on_start is not None:
@@ -162,24 +176,26 @@ def _submit_batch(
             current_hash[row.index] = None
             continue
         current_hash[row.index] = stored.content_hash
-        request = requests.for_name(row.name)
-        key = dedup_key(stored.content_hash, request.prompt_for(stored.content_hash), request)
-        planned.append(_Planned(row, stored, key))
+        for slot, request in enumerate(requests.for_name(row.name)):
+            key = dedup_key(stored.content_hash, request.prompt_for(stored.content_hash), request)
+            planned.append(_Planned(row, stored, key, slot))
     engine = db.get_engine(settings.effective_database_url)
     with Session(engine) as session:
         before = db.existing_jobs(session, [item.key for item in planned])
     # Rows whose request has a caption are left alone: that is what makes a second submit resume.
-    groups: dict[str | None, list[_Planned]] = {}
+    # By name and prompt; a name's first prompt is enqueued before its second, so each row's
+    # jobs are created in the order of the prompts (the order of the exported caption columns).
+    groups: dict[tuple[str | None, int], list[_Planned]] = {}
     for item in planned:
         found = before.get(item.key)
         if force or found is None or found.status != JobStatus.done.value:
-            groups.setdefault(item.row.name if requests.by_name else None, []).append(item)
+            groups.setdefault((item.row.name if requests.by_name else None, item.slot), []).append(item)
     sent: set[int] = set()
     reasons: dict[str, str] = {}
-    for name, items in groups.items():
+    for (name, slot), items in groups.items():
         result = enqueue_images(
             [item.stored.path for item in items],
-            requests.for_name(name),
+            requests.for_name(name)[slot],
             settings,
             force=force,
             recursive=False,

@@ -282,12 +282,18 @@ def _parse_prompt_item(path: Path, number: int, item: object) -> WeightedPrompt:
     return WeightedPrompt(prompt=text.strip(), weight=weight)
 
 
-def parse_prompt_file(path: str | Path) -> list[WeightedPrompt]:
-    """Prompts from a JSON list of strings and/or ``{"prompt": ..., "weight": ...}`` objects.
+PROMPT_FILE_MODES: tuple[str, ...] = ("draw", "all")
 
-    Items are numbered from 1 in error messages. Prompts are used verbatim (stripped), like --prompt.
-    """
-    path = Path(path)
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A parsed prompt file: ``draw`` one prompt per image by weight, or ``all`` of them per image."""
+
+    mode: str
+    prompts: tuple[WeightedPrompt, ...]
+
+
+def _read_json(path: Path) -> object:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -295,19 +301,59 @@ def parse_prompt_file(path: str | Path) -> list[WeightedPrompt]:
     except UnicodeDecodeError as exc:
         raise _prompt_file_error(path, "is not UTF-8 text") from exc
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise _prompt_file_error(
             path, f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from exc
+
+
+def _mode_and_items(path: Path, data: object) -> tuple[str, object]:
+    if not isinstance(data, dict):
+        return "draw", data
+    if not {"mode", "prompts"} & set(data):
+        raise _prompt_file_error(
+            path, 'must hold a JSON list of prompts or a {"mode": ..., "prompts": [...]} object'
+        )
+    unknown = sorted(set(data) - {"mode", "prompts"})
+    if unknown:
+        raise _prompt_file_error(path, f"has unknown key {unknown[0]!r} (allowed: mode, prompts)")
+    mode = data.get("mode", "draw")
+    if mode not in PROMPT_FILE_MODES:
+        raise _prompt_file_error(
+            path, f"has an unknown mode {mode!r}; choose {' or '.join(map(repr, PROMPT_FILE_MODES))}"
+        )
+    if "prompts" not in data:
+        raise _prompt_file_error(path, 'needs a "prompts" list')
+    return str(mode), data["prompts"]
+
+
+def read_prompt_file(path: str | Path) -> PromptFile:
+    """A prompt file: a JSON list of prompts, or ``{"mode": "draw" | "all", "prompts": [...]}``.
+
+    Prompts are strings and/or ``{"prompt": ..., "weight": ...}`` objects, numbered from 1 in error
+    messages and used verbatim (stripped), like --prompt. In mode ``all`` the weights are ignored
+    and a prompt given twice counts once.
+    """
+    path = Path(path)
+    mode, data = _mode_and_items(path, _read_json(path))
     if not isinstance(data, list):
         raise _prompt_file_error(path, f"must hold a JSON list of prompts, not a {type(data).__name__}")
     if not data:
         raise _prompt_file_error(path, "holds no prompts")
-    prompts = [_parse_prompt_item(path, number, item) for number, item in enumerate(data, start=1)]
-    if sum(p.weight for p in prompts) <= 0:
+    items = [_parse_prompt_item(path, number, item) for number, item in enumerate(data, start=1)]
+    if mode == "all":
+        # Two equal prompts would be one job per image anyway (the same dedup key).
+        unique = {item.prompt: item for item in items}
+        return PromptFile(mode, tuple(unique.values()))
+    if sum(p.weight for p in items) <= 0:
         raise _prompt_file_error(path, "all weights are 0; at least one must be positive")
-    return prompts
+    return PromptFile(mode, tuple(items))
+
+
+def parse_prompt_file(path: str | Path) -> list[WeightedPrompt]:
+    """The prompts of a prompt file, whatever its mode (see `read_prompt_file`)."""
+    return list(read_prompt_file(path).prompts)
 
 
 def draw_prompt(prompts: Sequence[WeightedPrompt], seed: str) -> str:

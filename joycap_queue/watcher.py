@@ -298,26 +298,30 @@ class FolderWatcher:
         return ready
 
     def enqueue(self, state: InboxState, paths: list[Path]) -> None:
-        summary = enqueue_images(
-            paths,
-            state.config.request,
-            self.settings,
-            recursive=False,
-            source=[str(state.root)],
-            submission_id=state.submission_id,
-            app=self.app,
-        )
-        state.submission_id = summary.submission_id
-        state.queued += summary.queued
-        state.twins.update(summary.twins)
+        counts = [0, 0, 0, 0]
+        # One request per prompt: every file gets a job from each.
+        for request in state.config.requests:
+            summary = enqueue_images(
+                paths,
+                request,
+                self.settings,
+                recursive=False,
+                source=[str(state.root)],
+                submission_id=state.submission_id,
+                app=self.app,
+            )
+            state.submission_id = summary.submission_id
+            state.queued += summary.queued
+            state.twins.update(summary.twins)
+            for i, value in enumerate(
+                (summary.queued, summary.already_done, summary.already_queued, summary.rejected)
+            ):
+                counts[i] += value
         self._finish_twins(state)
         log.info(
             "%s: queued %d, already done %d, already queued %d, rejected %d",
             state.root,
-            summary.queued,
-            summary.already_done,
-            summary.already_queued,
-            summary.rejected,
+            *counts,
         )
 
     def _finish_twins(self, state: InboxState) -> None:

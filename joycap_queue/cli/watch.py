@@ -84,6 +84,7 @@ def watch(
       joycap-queue watch ~/inbox
       joycap-queue watch ~/inbox -t "Booru-like tag list" --sidecar txt --sidecar json --move
       joycap-queue watch --config watch.toml --polling
+      joycap-queue watch ~/inbox -p "Describe the lighting." -p "List the objects."   # 2 jobs per image
     """
     if not inboxes and config_path is None:
         raise click.UsageError("give at least one INBOX folder or --config FILE")
@@ -106,7 +107,8 @@ def watch(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     mode = "polling" if watcher.polling else "inotify"
     for inbox in config.inboxes:
-        click.echo(f"watching {inbox.path} ({mode})", err=True)
+        prompts = f", {len(inbox.requests)} prompts" if len(inbox.requests) > 1 else ""
+        click.echo(f"watching {inbox.path} ({mode}{prompts})", err=True)
     try:
         watcher.run()
     except KeyboardInterrupt:
