@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     greedy: bool = False
     seed: int | None = Field(default=None, ge=0)
+    # The quality guard (quality.py): a caption flagged truncated, repetitive, empty, junk or
+    # duplicate-tags is captioned again with a fresh sample up to this many times; 0: never.
+    quality_retries: int = Field(default=2, ge=0, le=10)
+    # Its thresholds (README "Caption quality"): the share of a caption's tail a loop covers, the
+    # copies of a 3-gram that make one, the share of junk characters, surplus copies of a tag.
+    quality_repeat_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    quality_min_repeats: int = Field(default=3, ge=2)
+    quality_junk_share: float = Field(default=0.3, gt=0.0, le=1.0)
+    quality_duplicate_tags: int = Field(default=2, ge=1)
 
     # Jobs in flight per worker process; 0 means twice the batch size, so one batch is decoded and
     # prepared on the task threads while the previous one is on the GPU.

@@ -146,6 +146,11 @@ ADDED_COLUMNS = {
     ("watcher", "owner"): "ALTER TABLE watcher ADD COLUMN owner VARCHAR(64)",
     ("endpoint", "owner"): "ALTER TABLE endpoint ADD COLUMN owner VARCHAR(64)",
     ("endpoint", "state"): "ALTER TABLE endpoint ADD COLUMN state TEXT",
+    ("job", "cleanup"): "ALTER TABLE job ADD COLUMN cleanup TEXT NOT NULL DEFAULT '{}'",
+    ("job", "raw_caption"): "ALTER TABLE job ADD COLUMN raw_caption TEXT",
+    ("job", "quality"): "ALTER TABLE job ADD COLUMN quality TEXT",
+    ("job", "caption_attempts"): "ALTER TABLE job ADD COLUMN caption_attempts INTEGER NOT NULL DEFAULT 0",
+    ("job", "quality_flags"): "ALTER TABLE job ADD COLUMN quality_flags TEXT NOT NULL DEFAULT '[]'",
 }
 
 
@@ -334,6 +339,10 @@ _COMPLETE = (
         caption=bindparam("b_caption"),
         prompt_tokens=bindparam("b_prompt_tokens"),
         output_tokens=bindparam("b_output_tokens"),
+        raw_caption=bindparam("b_raw_caption"),
+        quality=bindparam("b_quality"),
+        caption_attempts=bindparam("b_attempts"),
+        quality_flags=bindparam("b_quality_flags"),
         error=None,
         finished_at=bindparam("b_finished", type_=_JOB_TABLE.c.finished_at.type),
     )
@@ -405,6 +414,11 @@ class Completion:
     prompt_tokens: int | None
     output_tokens: int | None
     claim_id: str | None = None
+    # The quality guard's record (worker/quality_guard.py): the verdict on the kept attempt.
+    raw_caption: str | None = None
+    quality: str | None = None
+    caption_attempts: int = 1
+    quality_flags: str = "[]"
 
 
 def complete_jobs(engine: Engine, completions: Sequence[Completion]) -> list[bool]:
@@ -425,6 +439,10 @@ def complete_jobs(engine: Engine, completions: Sequence[Completion]) -> list[boo
                 "b_output_tokens": item.output_tokens,
                 "b_finished": finished,
                 "b_claim": item.claim_id,
+                "b_raw_caption": item.raw_caption,
+                "b_quality": item.quality,
+                "b_attempts": item.caption_attempts,
+                "b_quality_flags": item.quality_flags,
             }
             done = conn.execute(_COMPLETE, params).first() is not None
             if not done and item.claim_id is not None:

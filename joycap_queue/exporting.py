@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import IO, Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
@@ -29,7 +29,9 @@ from joycap_queue.errors import JoycapError, OptionError
 from joycap_queue.files import write_atomic
 from joycap_queue.images import IMAGE_EXTENSIONS
 from joycap_queue.models import DatasetRow, Job, JobPublic, JobStatus
+from joycap_queue.quality import FLAGS
 from joycap_queue.request import normalize_model
+from joycap_queue.search import WhereClause
 from joycap_queue.sidecars import SIDECAR_MODES, merge_caption
 
 FORMATS = ("csv", "jsonl", "parquet", "txt", "hf-dataset")
@@ -48,8 +50,11 @@ INT_FIELDS = (
     "attempts",
     "prompt_tokens",
     "output_tokens",
+    "caption_attempts",
     "row_index",
 )
+# `--quality`: "ok" (never flagged), "flagged" (any flag), or one flag of the kept caption.
+QUALITY_CHOICES = ("ok", "flagged", *FLAGS)
 STREAM_ROWS = 1000
 # Rows per Parquet row group: each is built in memory whole (measured: 5,000 rows of 500-character
 # captions peak at 240 MB, 1,000 at about 150 MB).
@@ -68,6 +73,10 @@ class ExportFilter:
     search: str | None = None
     dataset: str | None = None  # a DatasetSource key: only that dataset's rows, in its order
     split: str | None = None
+    quality: str | None = None  # one of QUALITY_CHOICES
+    # Not a filter: `--raw` exports the caption as it was before the clean-up rules, where one
+    # was kept; here so that every writer (and exporting_hf) sees it with the filter it gets.
+    raw: bool = False
 
 
 def canonical_caption_type(text: str) -> str:
@@ -82,6 +91,28 @@ def canonical_caption_type(text: str) -> str:
     raise first_error
 
 
+def quality_condition(quality: str) -> WhereClause:
+    """The WHERE clause of `--quality` on `job` (results, export, retry)."""
+    column = col(Job.quality)
+    if quality == "ok":
+        # A caption stored before the guard existed (NULL) was never flagged: it counts as ok. A
+        # queued or failed job has NULL too, but no caption to be ok.
+        return and_(col(Job.status) == JobStatus.done.value, or_(column.is_(None), column == "ok"))
+    if quality == "flagged":
+        return and_(column.is_not(None), column != "ok")
+    if quality not in FLAGS:
+        raise OptionError("quality", f"choose one of: {', '.join(QUALITY_CHOICES)}")
+    # The column is the flags joined by ","; no flag name is a substring of another (nor holds a
+    # LIKE wildcard), so this matches exactly the captions that have this flag.
+    return column.like(f"%{quality}%")
+
+
+def caption_expression(flt: ExportFilter) -> ColumnElement[Any]:
+    """The caption column to select: with ``raw``, the text before the clean-up rules if kept."""
+    job = Job.__table__  # type: ignore[attr-defined]
+    return func.coalesce(job.c.raw_caption, job.c.caption) if flt.raw else job.c.caption
+
+
 def export_query(session: Session, flt: ExportFilter) -> Select[Any]:
     """Job columns plus the dataset row (if any) of every row to export, in export order."""
     job, row = Job.__table__, DatasetRow.__table__  # type: ignore[attr-defined]
@@ -94,7 +125,10 @@ def export_query(session: Session, flt: ExportFilter) -> Select[Any]:
         query = query.order_by(row.c.split, row.c.row_index, job.c.id)
     else:
         query = select(*columns).select_from(job.outerjoin(row, row.c.job_id == job.c.id))
-        query = query.order_by(job.c.id, row.c.split, row.c.row_index)
+        # By path first: an image captioned with several prompts (one job each) comes together,
+        # its jobs in the order they were queued; a job's dataset rows stay next to each other,
+        # which the sidecar writer relies on to write each job once.
+        query = query.order_by(job.c.path, job.c.id, row.c.split, row.c.row_index)
     conditions = db.job_conditions(
         session,
         states=flt.states,
@@ -108,6 +142,8 @@ def export_query(session: Session, flt: ExportFilter) -> Select[Any]:
         query = query.where(col(Job.caption_type) == canonical_caption_type(flt.caption_type))
     if flt.model:
         query = query.where(col(Job.model) == normalize_model(flt.model))
+    if flt.quality:
+        query = query.where(quality_condition(flt.quality))
     return query
 
 
@@ -124,8 +160,10 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
-def _record(row: Any) -> dict[str, Any]:
+def _record(row: Any, *, raw: bool = False) -> dict[str, Any]:
     record = {name: row[name] for name in RECORD_FIELDS}
+    if raw and record["raw_caption"] is not None:
+        record["caption"] = record["raw_caption"]
     record["extra_options"] = json.loads(record["extra_options"] or "[]")
     record["gen_params"] = json.loads(record["gen_params"] or "{}")
     for name in TIME_FIELDS:
@@ -143,7 +181,7 @@ def iter_records(engine: Engine, flt: ExportFilter) -> Iterator[dict[str, Any]]:
             session.connection().execution_options(stream_results=True, yield_per=STREAM_ROWS).execute(query)
         )
         for row in result.mappings():
-            yield _record(row)
+            yield _record(row, raw=flt.raw)
 
 
 def text_value(value: Any) -> str:

@@ -80,6 +80,7 @@ class _RowBuilder:
             "quantize": request.quantize,
             "adapter": request.adapter,
             "adapter_hash": request.adapter_hash,
+            "cleanup": request.cleanup.to_json(),
             "gen_params": json.dumps(request.gen_params, sort_keys=True),
             "prepend": request.prepend,
             "append": request.append,

@@ -25,8 +25,10 @@ from joycap_queue import db, prompts
 from joycap_queue.broker import held_messages, waiting_messages
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError, OptionError
+from joycap_queue.exporting import quality_condition
 from joycap_queue.models import DatasetRow, Job, JobStatus, Submission, Watcher, utcnow
 from joycap_queue.modelspec import ModelSpec, spec_key
+from joycap_queue.quality import CleanupRules
 from joycap_queue.queue import make_celery, send_by_model
 from joycap_queue.request import CaptionRequest, dedup_key, generation_params, profile_of
 
@@ -36,6 +38,11 @@ REQUEUED = {
     "attempts": 0,
     "error": None,
     "caption": None,
+    # The quality guard's record is of the caption being replaced; a fresh start starts it over.
+    "raw_caption": None,
+    "quality": None,
+    "caption_attempts": 0,
+    "quality_flags": "[]",
     "prompt_tokens": None,
     "output_tokens": None,
     "worker": None,
@@ -49,15 +56,19 @@ REQUEUED = {
 
 @dataclass(frozen=True)
 class JobSelection:
-    """Which jobs a command acts on: submissions and/or a path glob."""
+    """Which jobs a command acts on: submissions, a path glob and/or the captions' quality."""
 
     submission_ids: tuple[int, ...] = ()
     path_pattern: str | None = None
+    quality: str | None = None  # exporting.QUALITY_CHOICES: only done jobs have one
 
     def conditions(self, session: Session, states: Sequence[str]) -> list[db.WhereClause]:
-        return db.job_conditions(
+        conditions = db.job_conditions(
             session, states=states, submission_ids=self.submission_ids, path_pattern=self.path_pattern
         )
+        if self.quality is not None:
+            conditions.append(quality_condition(self.quality))
+        return conditions
 
 
 # --- messages in Redis -----------------------------------------------------------------------
@@ -219,6 +230,7 @@ def changed_columns(job: Any, changes: RequestChanges, settings: Settings) -> di
         quantize=spec.quantize,
         adapter=spec.adapter,
         adapter_hash=spec.adapter_hash,
+        cleanup=CleanupRules.from_json(job.cleanup),
     )
     prompt = request.prompt_for(job.content_hash)
     custom = bool(options.custom_prompt) or bool(changes.prompt_file)
@@ -249,13 +261,19 @@ def retry_jobs(
 ) -> RetrySummary:
     """Queue the selected failed (or cancelled) jobs again, in their own rows, and send them.
 
-    With changes, each job's request is rebuilt from its own options with the changes laid over
+    With a quality in the selection it takes done jobs instead: captions the guard flagged are
+    captioned again, the row starting over as a fresh job. With changes, each job's request is rebuilt from its own options with the changes laid over
     them: a new prompt, model or generation setting is a new dedup key. A job whose new request
     already has a job of its own is left as it is and reported.
     """
-    bad = set(states) - {JobStatus.failed.value, JobStatus.cancelled.value}
-    if bad:
-        raise OptionError("state", "retry takes failed or cancelled jobs")
+    if selection.quality is not None:
+        # A good caption is never thrown away by accident: done jobs only with a flag asked for.
+        if selection.quality == "ok":
+            raise OptionError("quality", "retry --quality takes flagged captions: flagged or a flag")
+        if set(states) != {JobStatus.done.value}:
+            raise OptionError("state", "retry --quality takes done jobs only; leave out --state")
+    elif set(states) - {JobStatus.failed.value, JobStatus.cancelled.value}:
+        raise OptionError("state", "retry takes failed or cancelled jobs (done ones with --quality)")
     app = make_celery(settings)
     engine = db.get_engine(settings.effective_database_url)
     summary = RetrySummary()

@@ -72,6 +72,11 @@ class JobBase(SQLModel):
     gen_params: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
     prepend: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     append: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # Clean-up rules the user opted into (quality.CleanupRules as JSON), applied when the caption
+    # is stored; "{}" for none. Part of the dedup key when set, like prepend and append.
+    cleanup: str = Field(
+        default="{}", sa_column=Column(Text, nullable=False, default="{}", server_default="{}")
+    )
     # What to write beside the image when the job ends (sidecars, moving); not part of the
     # dedup key, since it does not change the caption. JSON of sidecars.OutputOptions.
     outputs: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
@@ -80,6 +85,18 @@ class JobBase(SQLModel):
     attempts: int = 0
     error: str | None = Field(default=None, sa_column=Column(Text))
     caption: str | None = Field(default=None, sa_column=Column(Text))
+    # The caption before the clean-up rules (None when no rule is set): `export --raw`.
+    raw_caption: str | None = Field(default=None, sa_column=Column(Text))
+    # The quality guard's verdict on the kept caption: "ok", or its flags joined by "," worst
+    # first (quality.FLAGS); None for captions stored before the guard existed.
+    quality: str | None = Field(default=None, sa_column=Column(Text))
+    caption_attempts: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0")
+    )
+    # Each attempt's flags, as a JSON list of lists: [["truncated"], []] kept the second.
+    quality_flags: str = Field(
+        default="[]", sa_column=Column(Text, nullable=False, default="[]", server_default="[]")
+    )
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     worker: str | None = Field(default=None, max_length=255)

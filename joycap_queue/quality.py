@@ -7,6 +7,7 @@ the raw text is kept), ``badness`` picks the least bad attempt. Pure stdlib: it 
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -248,3 +249,50 @@ def dedupe_tags(text: str) -> str:
             seen.add(key)
             out += [separator, tag]
     return "".join(out)
+
+
+@dataclass(frozen=True)
+class CleanupRules:
+    """The clean-up rules a request opted into, applied when its caption is stored (raw kept)."""
+
+    strip_lead_in: bool = False
+    drop_sentences: tuple[str, ...] = ()
+    dedupe_tags: bool = False
+
+    def __post_init__(self) -> None:
+        drop_sentences("", list(self.drop_sentences))  # a bad pattern fails here, at submit
+
+    @property
+    def active(self) -> bool:
+        return self.strip_lead_in or bool(self.drop_sentences) or self.dedupe_tags
+
+    def to_json(self) -> str:
+        if not self.active:
+            return "{}"
+        return json.dumps(
+            {
+                "strip_lead_in": self.strip_lead_in,
+                "drop_sentences": list(self.drop_sentences),
+                "dedupe_tags": self.dedupe_tags,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> CleanupRules:
+        data = json.loads(text or "{}")
+        return cls(
+            strip_lead_in=bool(data.get("strip_lead_in")),
+            drop_sentences=tuple(data.get("drop_sentences") or ()),
+            dedupe_tags=bool(data.get("dedupe_tags")),
+        )
+
+    def apply(self, text: str, *, tag_list: bool) -> str:
+        # Tag lists have no sentences or lead-ins: only de-duplication applies to them.
+        if tag_list:
+            return dedupe_tags(text) if self.dedupe_tags else text
+        if self.drop_sentences:
+            text = drop_sentences(text, list(self.drop_sentences))
+        if self.strip_lead_in:
+            text = strip_lead_in(text)
+        return text

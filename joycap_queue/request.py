@@ -1,13 +1,16 @@
 """`CaptionRequest`: everything that decides a caption apart from the image, built from options.
 
-The CLI, the watch-folder config and (later) the dataset importer all build their requests
-through `build_request`, so one option means the same thing everywhere.
+The CLI, the watch-folder config and the dataset importer all build their requests through
+`build_requests` (one request per prompt: --prompt is repeatable, and a prompt file in mode
+"all" gives every prompt to every image), so one option means the same thing everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from joycap_queue.config import Settings, tiny_model_info
 from joycap_queue.errors import OptionError
 from joycap_queue.modelspec import ModelSpec, spec_of
 from joycap_queue.prompts import CaptionOptions, WeightedPrompt, build_prompt, draw_prompt
+from joycap_queue.quality import CleanupRules
 from joycap_queue.sidecars import OutputOptions
 
 
@@ -35,6 +39,7 @@ class CaptionRequest:
     quantize: str = "none"
     adapter: str = ""
     adapter_hash: str = ""
+    cleanup: CleanupRules = field(default_factory=CleanupRules)
 
     @property
     def spec(self) -> ModelSpec:
@@ -67,6 +72,9 @@ def dedup_key(content_hash: str, prompt: str, request: CaptionRequest) -> str:
     if not request.spec.plain:
         # Only then: keys of plain-model jobs stay what they were before quantization existed.
         material_list.append({"quantize": request.quantize, "adapter": request.adapter_hash})
+    if request.cleanup.active:
+        # The rules change the stored caption, as prepend and append do.
+        material_list.append({"cleanup": request.cleanup.to_json()})
     material = json.dumps(
         material_list,
         sort_keys=True,
@@ -105,25 +113,83 @@ def generation_params(settings: Settings) -> dict[str, Any]:
     return params
 
 
+def custom_prompts(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The --prompt values, stripped, each once and in order; a single blank one means none."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    if len(values) == 1 and not values[0].strip():
+        return ()  # as before --prompt was repeatable: an empty prompt falls back to the options
+    for number, text in enumerate(values, start=1):
+        if not text.strip():
+            raise OptionError("prompt", f"--prompt #{number} is empty")
+    return tuple(dict.fromkeys(text.strip() for text in values))
+
+
+def build_requests(settings: Settings, params: dict[str, Any]) -> list[CaptionRequest]:
+    """One CaptionRequest per prompt, in the order given; OptionError names the bad option.
+
+    Several --prompt values, or a prompt file in mode "all", give several requests (one job per
+    image and prompt); anything else gives one.
+    """
+    texts = custom_prompts(params.get("custom_prompt"))
+    prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
+    if params.get("prompt_file") is not None:
+        if texts:
+            raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
+        parsed = prompts.read_prompt_file(params["prompt_file"])
+        if parsed.mode == "all":
+            texts = tuple(item.prompt for item in parsed.prompts)
+        else:
+            prompt_file = parsed.prompts
+    outputs: OutputOptions = params.get("outputs") or OutputOptions()
+    if len(texts) > 1 and (outputs.done_dir or outputs.failed_dir):
+        # The first caption to finish would move the image away from the jobs of the other prompts.
+        raise OptionError("move", f"--move takes one prompt per image, not {len(texts)}")
+    base = _build_request(settings, params, texts[0] if texts else None, prompt_file)
+    if len(texts) <= 1:
+        return [base]
+    return [
+        dataclasses.replace(base, options=dataclasses.replace(base.options, custom_prompt=text))
+        for text in texts
+    ]
+
+
 def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
-    """The CaptionRequest for a command's caption options; OptionError names the bad option."""
+    """The one CaptionRequest for a command that takes one prompt (see `build_requests`)."""
+    requests = build_requests(settings, params)
+    if len(requests) > 1:
+        raise OptionError("prompt", f"this takes one prompt, not {len(requests)}")
+    return requests[0]
+
+
+def _build_request(
+    settings: Settings,
+    params: dict[str, Any],
+    custom_prompt: str | None,
+    prompt_file: tuple[prompts.WeightedPrompt, ...],
+) -> CaptionRequest:
     profile = profile_of(settings)
     options = prompts.CaptionOptions(
         caption_type=prompts.resolve_caption_type(profile, params["caption_type"]),
         length=prompts.resolve_length(params["length"]),
         extra=prompts.resolve_extra(profile, params.get("extra") or ()),
         name=params.get("name"),
-        custom_prompt=params.get("custom_prompt"),
+        custom_prompt=custom_prompt,
     )
-    prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
-    if params.get("prompt_file") is not None:
-        if options.custom_prompt:
-            raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
-        prompt_file = tuple(prompts.parse_prompt_file(params["prompt_file"]))
-    else:
+    if not prompt_file:
         prompts.build_prompt(profile, options)  # validates the name option before anything is queued
     spec = spec_of(settings.model, settings.quantize, settings.lora)
+    try:
+        cleanup = CleanupRules(
+            strip_lead_in=bool(params.get("strip_lead_in")),
+            drop_sentences=tuple(params.get("drop_sentences") or ()),
+            dedupe_tags=bool(params.get("dedupe_tags")),
+        )
+    except ValueError as exc:
+        raise OptionError("drop_sentences", str(exc)) from None
     return CaptionRequest(
+        cleanup=cleanup,
         profile=profile,
         model=settings.model,
         quantize=spec.quantize,

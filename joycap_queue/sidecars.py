@@ -11,8 +11,9 @@ second writer never reads half a caption.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ from joycap_queue.errors import OptionError
 from joycap_queue.files import write_atomic
 from joycap_queue.images import IMAGE_EXTENSIONS, hash_file
 from joycap_queue.models import Job, JobPublic, JobStatus
+
+log = logging.getLogger(__name__)
 
 SidecarMode = Literal["skip", "overwrite", "append", "prepend"]
 SIDECAR_MODES: tuple[str, ...] = ("skip", "overwrite", "append", "prepend")
@@ -40,6 +43,8 @@ class OutputOptions:
     inbox: str | None = None
     done_dir: str | None = None
     failed_dir: str | None = None
+    # --skip-flagged-sidecars: no sidecar for a caption the quality guard flagged.
+    skip_flagged: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in SIDECAR_MODES:
@@ -59,6 +64,18 @@ class OutputOptions:
     def from_json(cls, text: str | None) -> OutputOptions:
         data = json.loads(text or "{}")
         return cls(**data) if data else cls()
+
+    def for_caption(self, quality: str | None) -> OutputOptions:
+        """These options for a caption of this quality: no sidecars for a flagged one if asked."""
+        if self.skip_flagged and is_flagged(quality):
+            # The image still moves to done/: it was captioned; only the caption is held back.
+            return replace(self, txt=False, json=False)
+        return self
+
+
+def is_flagged(quality: str | None) -> bool:
+    """Whether the quality guard flagged the caption (None: stored before the guard, never flagged)."""
+    return quality is not None and quality != "ok"
 
 
 def _has_stem_sibling(folder: Path, image: Path) -> bool:
@@ -224,6 +241,8 @@ def sidecar_record(job: JobPublic) -> dict[str, Any]:
         "append": job.append,
         "prompt_tokens": job.prompt_tokens,
         "output_tokens": job.output_tokens,
+        "quality": job.quality,
+        "caption_attempts": job.caption_attempts,
         "queued_at": job.queued_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
@@ -269,7 +288,7 @@ def outputs_missing(engine: Engine, job_id: int) -> bool:
         job = session.get(Job, job_id)
         if job is None:
             return False
-        options = OutputOptions.from_json(job.outputs)
+        options = OutputOptions.from_json(job.outputs).for_caption(job.quality)
         image, status, content_hash = Path(job.path), job.status, job.content_hash
     tree = _tree_for(status, options)
     if _moved_copy(image, options, tree, content_hash) is not None:
@@ -304,7 +323,15 @@ def finish_job_outputs(engine: Engine, job_id: int) -> Path | None:
         return image
     where = _moved_copy(image, options, _tree_for(job.status, options), job.content_hash) or image
     if job.status == JobStatus.done.value and job.caption is not None:
-        moved = finish_done(where, options, caption=job.caption, record=sidecar_record(job))
+        kept = options.for_caption(job.quality)
+        if kept is not options and (options.txt or options.json):
+            log.info(
+                "job %s: no sidecar for %s, its caption is flagged %s (--skip-flagged-sidecars)",
+                job.id,
+                image.name,
+                job.quality,
+            )
+        moved = finish_done(where, kept, caption=job.caption, record=sidecar_record(job))
     elif job.status == JobStatus.failed.value:
         moved = finish_failed(where, options, reason=job.error or "failed")
     else:

@@ -14,6 +14,7 @@ path = "/srv/inbox/portraits"
 caption_type = "Straightforward"
 extra = [0, "lighting"]
 name = "Alice"
+# prompt = ["Describe the lighting.", "List the objects."]   # one job per image and prompt
 sidecar = ["txt", "json"]
 sidecar_mode = "overwrite"
 move = true               # done/ and failed/ inside the inbox (done_dir / failed_dir to choose)
@@ -30,7 +31,7 @@ from typing import Any
 from joycap_queue.config import Settings
 from joycap_queue.errors import OptionError
 from joycap_queue.prompts import DEFAULT_CAPTION_TYPE, DEFAULT_LENGTH
-from joycap_queue.request import CaptionRequest, build_request
+from joycap_queue.request import CaptionRequest, build_requests
 from joycap_queue.sidecars import SIDECAR_KINDS, OutputOptions
 
 if sys.version_info >= (3, 11):
@@ -44,12 +45,16 @@ INBOX_KEYS = {
     "length": (str, int),
     "extra": list,
     "name": str,
-    "prompt": str,
+    "prompt": (str, list),
     "prompt_file": str,
     "prepend": str,
     "append": str,
     "sidecar": (list, str),
     "sidecar_mode": str,
+    "skip_flagged_sidecars": bool,
+    "strip_lead_in": bool,
+    "drop_sentences": list,
+    "dedupe_tags": bool,
     "move": bool,
     "done_dir": str,
     "failed_dir": str,
@@ -64,8 +69,15 @@ TOP_KEYS = {
 
 @dataclass(frozen=True)
 class InboxConfig:
+    """An inbox and its requests: one per prompt, each settled file gets a job from every one."""
+
     path: Path
-    request: CaptionRequest
+    requests: tuple[CaptionRequest, ...]
+
+    @property
+    def request(self) -> CaptionRequest:
+        # What the requests share (the outputs: sidecars, moves) is read from the first.
+        return self.requests[0]
 
 
 @dataclass
@@ -85,6 +97,7 @@ def output_options(
     move: bool = False,
     done_dir: str | None = None,
     failed_dir: str | None = None,
+    skip_flagged: bool = False,
 ) -> OutputOptions:
     kinds = [sidecar] if isinstance(sidecar, str) else list(sidecar)
     unknown = [kind for kind in kinds if kind not in (*SIDECAR_KINDS, "none")]
@@ -100,6 +113,7 @@ def output_options(
         inbox=str(inbox),
         done_dir=str(Path(done_dir).expanduser().resolve()) if done_dir else None,
         failed_dir=str(Path(failed_dir).expanduser().resolve()) if failed_dir else None,
+        skip_flagged=skip_flagged,
     )
 
 
@@ -115,9 +129,10 @@ def inbox_config(path: Path, settings: Settings, params: dict[str, Any]) -> Inbo
         move=bool(params.get("move")),
         done_dir=params.get("done_dir"),
         failed_dir=params.get("failed_dir"),
+        skip_flagged=bool(params.get("skip_flagged_sidecars")),
     )
-    request = build_request(settings, {**params, "outputs": outputs})
-    return InboxConfig(inbox, request)
+    requests = build_requests(settings, {**params, "outputs": outputs})
+    return InboxConfig(inbox, tuple(requests))
 
 
 def _check_types(where: str, table: dict[str, Any], allowed: dict[str, Any]) -> None:
@@ -165,12 +180,15 @@ def load_watch_config(config_path: Path, settings: Settings) -> WatchConfig:
             raise OptionError("path", f"{where}: every [[inbox]] needs a path")
         _check_types(where, table, INBOX_KEYS)
         merged = {**defaults, **table}
+        prompt = merged.get("prompt")
+        if isinstance(prompt, list) and not all(isinstance(item, str) for item in prompt):
+            raise OptionError("prompt", f"{where}: prompt is a string or a list of strings")
         params: dict[str, Any] = {
             "caption_type": merged.get("caption_type", DEFAULT_CAPTION_TYPE),
             "length": str(merged.get("length", DEFAULT_LENGTH)),
             "extra": [str(item) for item in merged.get("extra", [])],
             "name": merged.get("name"),
-            "custom_prompt": merged.get("prompt"),
+            "custom_prompt": prompt,
             "prompt_file": base / merged["prompt_file"] if merged.get("prompt_file") else None,
             "prepend": merged.get("prepend", ""),
             "append": merged.get("append", ""),
@@ -179,6 +197,10 @@ def load_watch_config(config_path: Path, settings: Settings) -> WatchConfig:
             "move": merged.get("move", False),
             "done_dir": str(base / merged["done_dir"]) if merged.get("done_dir") else None,
             "failed_dir": str(base / merged["failed_dir"]) if merged.get("failed_dir") else None,
+            "skip_flagged_sidecars": merged.get("skip_flagged_sidecars", False),
+            "strip_lead_in": merged.get("strip_lead_in", False),
+            "drop_sentences": [str(item) for item in merged.get("drop_sentences", [])],
+            "dedupe_tags": merged.get("dedupe_tags", False),
         }
         try:
             config.inboxes.append(inbox_config(base / table["path"], settings, params))

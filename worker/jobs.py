@@ -6,6 +6,7 @@ to the worker, so one bad image never takes the worker or its batchmates down.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -19,16 +20,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
 from joycap_queue import db
-from joycap_queue.config import Settings
+from joycap_queue.config import Settings, mask_url
 from joycap_queue.images import ImageError, check_allowed, open_image_rgb, read_verified
 from joycap_queue.models import JobStatus
 from joycap_queue.modelspec import spec_key
 from joycap_queue.prompts import system_prompt
+from joycap_queue.quality import CleanupRules
 from joycap_queue.sidecars import OutputOptions, finish_job_outputs
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.batcher import CaptionService, HandedBack
 from worker.completions import CompletionWriter
 from worker.gate import Gate
+from worker.quality_guard import caption_guarded, flags_json
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ def run_caption_job(
     def claim(alone: bool) -> db.Claim:
         # On this thread, not the writer's: claims arrive one at a time, as Celery hands out
         # messages, so a group would hold one claim and cost a hand-over (measured: more CPU).
-        return db.retrying(settings.db_retry_s, what=f"claim job {job_id}")(
+        call = functools.partial(
             db.claim_job,
             engine,
             job_id,
@@ -77,6 +80,18 @@ def run_caption_job(
             alone=alone,
             claim_id=claim_id,
         )
+        started = time.monotonic()
+        try:
+            # Nearly every claim succeeds at once: only one that did not builds the retry loop,
+            # for what is left of the budget (a retry after a lost COMMIT knows its own claim).
+            return call()
+        except Exception as exc:
+            if not db.is_transient(exc):
+                raise
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            log.warning("database write failed (claim job %s): %s; retrying", job_id, mask_url(reason))
+        left_s = max(settings.db_retry_s - (time.monotonic() - started), 0.0)
+        return db.retrying(left_s, what=f"claim job {job_id}")(call)
 
     try:
         # Most jobs run with others; the claim itself says when this one must not, so no job
@@ -120,10 +135,17 @@ def _run(
         data = read_verified(Path(job.path), job.content_hash)
         image = open_image_rgb(io.BytesIO(data), max_pixels=settings.max_image_pixels)
         params = GenerationParams(**json.loads(job.gen_params or "{}"))
-        # Decoded here, on the task thread; the batcher prepares it here too, then waits for its batch.
-        output = captioner.caption_one(
-            CaptionInput(image=image, prompt=job.prompt, system_prompt=system_prompt(job.profile)), params
+        # Decoded here, on the task thread; the batcher prepares it here too, then waits for its
+        # batch. A caption the quality guard flags is captioned again, up to quality_retries.
+        guarded = caption_guarded(
+            captioner,
+            CaptionInput(image=image, prompt=job.prompt, system_prompt=system_prompt(job.profile)),
+            params,
+            caption_type=job.caption_type,
+            cleanup=CleanupRules.from_json(job.cleanup),
+            settings=settings,
         )
+        output = guarded.output
     except HandedBack:
         # The worker is stopping: the job goes back uncounted, and the task hands its message back.
         db.return_to_queue(
@@ -146,10 +168,14 @@ def _run(
         return _failed(engine, settings, job_id, reason, outputs=wants_outputs)
     completion = db.Completion(
         job_id,
-        job.prepend + output.caption + job.append,
+        job.prepend + guarded.caption + job.append,
         output.prompt_tokens,
         output.output_tokens,
         claim_id,
+        raw_caption=None if guarded.raw is None else job.prepend + guarded.raw + job.append,
+        quality=guarded.quality,
+        caption_attempts=guarded.attempts,
+        quality_flags=flags_json(guarded),
     )
     try:
         # The caption is computed: a database that is busy or restarting is waited for.
@@ -169,6 +195,13 @@ def _run(
     if not stored:
         log.info("job %s already finished elsewhere; caption discarded", job_id)
         return JobOutcome(job_id, "skipped", "already finished")
+    if guarded.quality != "ok":
+        log.warning(
+            "job %s: caption flagged %s after %d attempts (kept the least bad)",
+            job_id,
+            guarded.quality,
+            guarded.attempts,
+        )
     log.info("job %s done in %.2fs (%d tokens)", job_id, elapsed, output.output_tokens)
     if wants_outputs:  # the sidecars re-read the row: only for a job that asks for them
         _finish_outputs(engine, job_id)

@@ -28,6 +28,7 @@ from joycap_queue.exporting import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_NAME_COLUMN,
     FORMATS,
+    QUALITY_CHOICES,
     ExportFilter,
     atomic_output,
     count_rows,
@@ -60,6 +61,14 @@ def _format_for(fmt: str | None, output: Path | None) -> str:
     )
 
 
+def _one_caption_column(fmt: str, caption_columns: tuple[str, ...]) -> str:
+    if len(caption_columns) > 1 and fmt != "hf-dataset":
+        raise OptionError(
+            "caption_column", "several --caption-column names are for --format hf-dataset (one per prompt)"
+        )
+    return caption_columns[0]
+
+
 @click.command()
 @click.option(
     "--format",
@@ -89,6 +98,17 @@ def _format_for(fmt: str | None, output: Path | None) -> str:
 @click.option("--model", "model_filter", help="Only captions by this model (hub id or folder).")
 @click.option("--search", help="Only captions containing these words.")
 @click.option(
+    "--quality",
+    type=click.Choice(QUALITY_CHOICES),
+    help="Only captions the quality guard passed (ok: captions stored before the guard count as ok), "
+    "flagged, or flagged with this flag.",
+)
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Export each caption as it was before the clean-up rules, where they changed it.",
+)
+@click.option(
     "--source",
     help="Only the rows of this dataset (as given to submit-dataset), in its order; with hf-dataset, "
     "the dataset itself with the caption column added.",
@@ -98,7 +118,13 @@ def _format_for(fmt: str | None, output: Path | None) -> str:
     "--name-column", default=DEFAULT_NAME_COLUMN, show_default=True, help="Column of the image name."
 )
 @click.option(
-    "--caption-column", default=DEFAULT_CAPTION_COLUMN, show_default=True, help="Column of the caption."
+    "--caption-column",
+    "caption_columns",
+    multiple=True,
+    default=(DEFAULT_CAPTION_COLUMN,),
+    show_default=True,
+    help="Column of the caption. hf-dataset with several prompts per image: repeat it, one per prompt "
+    "in the order they were submitted (one name gives NAME, NAME_2 …).",
 )
 @click.option("--columns", multiple=True, help="CSV: job fields to add, e.g. --columns prompt,model,status.")
 @click.option(
@@ -120,10 +146,12 @@ def export(
     caption_type: str | None,
     model_filter: str | None,
     search: str | None,
+    quality: str | None,
+    raw: bool,
     source: str | None,
     split: str | None,
     name_column: str,
-    caption_column: str,
+    caption_columns: tuple[str, ...],
     columns: tuple[str, ...],
     sidecar_mode: str,
     prepend: str,
@@ -136,6 +164,8 @@ def export(
     Parquet have every field. txt writes image.txt beside each image, as the watcher does.
     hf-dataset writes a `save_to_disk` folder: with --source, the source dataset with the caption
     column added, rows in their original order; otherwise image, name, caption, prompt, model.
+    Several prompts per image give one caption column per prompt (and, without --source, one
+    row per image): --caption-column once per prompt, in the order they were submitted.
 
     \b
     Examples:
@@ -144,8 +174,10 @@ def export(
       joycap-queue export --format hf-dataset --source ./my-dataset -o ./my-dataset-captioned
       joycap-queue export --format txt --path '*/lora/*' --sidecar-mode overwrite --prepend 'ohwx, '
       joycap-queue export -o all.parquet --state done --state failed
+      joycap-queue export -o clean.csv --quality ok      # leave out what the quality guard flagged
     """
     fmt = _format_for(fmt, output)
+    caption_column = _one_caption_column(fmt, caption_columns)
     settings = build_settings(params)
     dataset = resolve_source(source) if source is not None else None
     if split is not None and dataset is None:
@@ -159,6 +191,8 @@ def export(
         search=search,
         dataset=dataset.key if dataset is not None else None,
         split=split,
+        quality=quality,
+        raw=raw,
     )
     added = extra_columns(columns)
     if fmt in ("parquet", "hf-dataset") and output is None:
@@ -181,12 +215,14 @@ def export(
                     flt,
                     output,
                     split=split,
-                    caption_column=caption_column,
+                    caption_columns=caption_columns,
                     on_start=started,
                     advance=bar.update,
                 )
-            for name, (rows, filled) in counts.items():
-                click.echo(f"{name}: {filled} of {rows} rows have a caption", err=True)
+            several = f"all {len(counts.columns)} captions ({', '.join(counts.columns)})"
+            for name, (rows, filled) in counts.splits.items():
+                has = "a caption" if len(counts.columns) == 1 else several
+                click.echo(f"{name}: {filled} of {rows} rows have {has}", err=True)
             click.echo(f"wrote {output}", err=True)
             return
 
@@ -208,11 +244,15 @@ def export(
                 )
                 return
             if fmt == "hf-dataset":
-                from joycap_queue.exporting_hf import export_jobs_dataset
+                from joycap_queue.exporting_hf import export_jobs_dataset, prompt_slots
 
                 assert output is not None
                 count = export_jobs_dataset(
-                    records, output, name_column=name_column, caption_column=caption_column
+                    records,
+                    output,
+                    name_column=name_column,
+                    caption_columns=caption_columns,
+                    slots=prompt_slots(engine, flt),
                 )
             elif fmt == "parquet":
                 assert output is not None

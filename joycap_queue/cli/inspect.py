@@ -10,13 +10,16 @@ from datetime import timedelta
 from typing import Any
 
 import click
-from sqlmodel import Session
+from sqlalchemy import func
+from sqlmodel import Session, col, select
 
 from joycap_queue import db
 from joycap_queue.cli.options import build_settings, connection_options, tiny_model_notice
 from joycap_queue.cli.output import printable, table
-from joycap_queue.models import JobStatus, utcnow
+from joycap_queue.exporting import QUALITY_CHOICES, quality_condition
+from joycap_queue.models import Job, JobPublic, JobStatus, utcnow
 from joycap_queue.outages import OutageWait
+from joycap_queue.quality import FLAGS
 from joycap_queue.recovery import WORKER_KIND, stale_after
 from joycap_queue.watcher import STALE_AFTER
 
@@ -45,6 +48,8 @@ def status_report(
         f"{scope}: " + ", ".join(f"{state} {counts[state]}" for state in STATES) + f" (total {total})",
         f"rate: {rate:.1f} images/min over the last {int(RATE_WINDOW.total_seconds() // 60)} min",
     ]
+    if counts["done"]:
+        lines.append(quality_line(quality_counts(session, submission_id)))
     if remaining and rate > 0:
         lines.append(f"eta: {_format_eta(remaining / rate * 60)} for {remaining} images")
     elif remaining:
@@ -54,6 +59,64 @@ def status_report(
     for endpoint in db.active_endpoints(session, kind="flower", stale_after=FLOWER_STALE):
         lines.append(f"flower: {endpoint.url} (pid {endpoint.pid} on {endpoint.host})")
     return "\n".join(lines), counts
+
+
+def quality_counts(session: Session, submission_id: int | None) -> dict[str | None, int]:
+    """Done jobs by their quality column (None: stored before the guard), in one grouped query."""
+    query = select(Job.quality, func.count()).where(col(Job.status) == JobStatus.done.value)
+    if submission_id is not None:
+        query = query.where(col(Job.submission_id) == submission_id)
+    return {quality: int(count) for quality, count in session.exec(query.group_by(col(Job.quality)))}
+
+
+def quality_line(counts: dict[str | None, int]) -> str:
+    """`quality: 120 ok, 4 flagged (truncated 3, repetitive 1)`; a caption with two flags counts
+    under each, so the flags can add up to more than the flagged captions."""
+    unchecked = counts.get(None, 0)
+    ok = counts.get("ok", 0) + unchecked
+    by_flag: dict[str, int] = {}
+    flagged = 0
+    for quality, count in counts.items():
+        if quality is None or quality == "ok":
+            continue
+        flagged += count
+        for flag in quality.split(","):
+            by_flag[flag] = by_flag.get(flag, 0) + count
+    rank = {flag: index for index, flag in enumerate(FLAGS)}
+    ordered = sorted(by_flag.items(), key=lambda item: (-item[1], rank.get(item[0], len(FLAGS)), item[0]))
+    line = f"quality: {ok} ok"
+    if unchecked:
+        line += f" ({unchecked} from before the quality guard)"
+    line += f", {flagged} flagged"
+    if ordered:
+        line += " (" + ", ".join(f"{flag} {count}" for flag, count in ordered) + ")"
+    return line
+
+
+def matching_jobs(
+    session: Session,
+    *,
+    states: tuple[str, ...],
+    submission_id: int | None,
+    path_pattern: str | None,
+    search: str | None,
+    quality: str | None,
+    limit: int | None,
+) -> list[JobPublic]:
+    """`db.list_jobs` with `--quality` too (its condition is shared with export and retry)."""
+    conditions = db.job_conditions(
+        session,
+        states=states,
+        submission_ids=[submission_id] if submission_id is not None else [],
+        path_pattern=path_pattern,
+        search=search,
+    )
+    if quality is not None:
+        conditions.append(quality_condition(quality))
+    query = select(Job).where(*conditions).order_by(col(Job.id))
+    if limit is not None:
+        query = query.limit(limit)
+    return [JobPublic.model_validate(job) for job in session.exec(query)]
 
 
 def worker_lines(session: Session, stale_after: timedelta) -> list[str]:
@@ -154,6 +217,12 @@ def status(
 @click.option("--submission", "submission_id", type=int, help="Only this submission.")
 @click.option("--path", "path_pattern", help="Only paths matching this glob (* and ?), e.g. '*/cats/*'.")
 @click.option("--search", help="Only captions containing these words (full-text index), e.g. 'red car'.")
+@click.option(
+    "--quality",
+    type=click.Choice(QUALITY_CHOICES),
+    help="Only captions the quality guard passed (ok: captions stored before the guard count as ok), "
+    "flagged, or flagged with this flag.",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many jobs.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array with every field.")
 @click.option("--jsonl", "as_jsonl", is_flag=True, help="One JSON object per line with every field.")
@@ -164,6 +233,7 @@ def results(
     submission_id: int | None,
     path_pattern: str | None,
     search: str | None,
+    quality: str | None,
     limit: int | None,
     as_json: bool,
     as_jsonl: bool,
@@ -178,16 +248,18 @@ def results(
       joycap-queue results --state failed
       joycap-queue results --submission 3 --jsonl > captions.jsonl
       joycap-queue results --search "red car" --full
+      joycap-queue results --quality flagged --full         # what the quality guard flagged
     """
     settings = build_settings(params)
     engine = db.get_engine(settings.effective_database_url)
     with Session(engine) as session:
-        jobs = db.list_jobs(
+        jobs = matching_jobs(
             session,
             states=states,
             submission_id=submission_id,
             path_pattern=path_pattern,
             search=search,
+            quality=quality,
             limit=limit,
         )
     for model in sorted({job.model for job in jobs}):
@@ -199,7 +271,8 @@ def results(
             click.echo(json.dumps(job.to_record(), ensure_ascii=False))
     elif full:
         for job in jobs:
-            click.echo(f"== {job.id} {job.status} {printable(job.path, one_line=True)}")
+            flags = f" [{job.quality}]" if job.quality not in (None, "ok") else ""
+            click.echo(f"== {job.id} {job.status}{flags} {printable(job.path, one_line=True)}")
             click.echo(printable(job.caption if job.status == "done" else job.error))
     else:
         rows = [

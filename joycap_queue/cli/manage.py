@@ -19,6 +19,7 @@ from joycap_queue.cli.options import (
     variant_options,
 )
 from joycap_queue.errors import OptionError
+from joycap_queue.exporting import QUALITY_CHOICES
 from joycap_queue.jobcontrol import (
     JobSelection,
     RequestChanges,
@@ -29,6 +30,7 @@ from joycap_queue.jobcontrol import (
 )
 from joycap_queue.models import JobStatus
 from joycap_queue.modelspec import check_adapter, check_quantize
+from joycap_queue.request import custom_prompts as custom_prompts_of
 
 MAX_LISTED_CONFLICTS = 10
 
@@ -49,9 +51,18 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
+    custom_prompts = custom_prompts_of(params["custom_prompt"]) if given("custom_prompt") else ()
+    if len(custom_prompts) > 1:
+        # A job is rebuilt in place, so it keeps one prompt: new prompts are a new `submit`.
+        raise click.UsageError("retry takes one --prompt: it rebuilds each job in place, one prompt per job")
     prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
     if given("prompt_file"):
-        prompt_file = tuple(prompts.parse_prompt_file(params["prompt_file"]))
+        parsed = prompts.read_prompt_file(params["prompt_file"])
+        if parsed.mode == "all" and len(parsed.prompts) > 1:
+            raise click.UsageError(
+                'retry takes a prompt file in mode "draw": it rebuilds each job in place, one prompt per job'
+            )
+        prompt_file = parsed.prompts
     if given("custom_prompt") and prompt_file:
         raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
     return RequestChanges(
@@ -59,7 +70,7 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
         length=params["length"] if given("length") else None,
         extra=tuple(params["extra"]) if given("extra") else None,
         name=params["name"] if given("name") else None,
-        custom_prompt=params["custom_prompt"] if given("custom_prompt") else None,
+        custom_prompt=custom_prompts[0] if custom_prompts else None,
         prompt_file=prompt_file,
         prepend=params["prepend"] if given("prepend") else None,
         append=params["append"] if given("append") else None,
@@ -80,18 +91,28 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
     type=click.Choice([JobStatus.failed.value, JobStatus.cancelled.value]),
     help="Which jobs to queue again [default: failed].",
 )
+@click.option(
+    "--quality",
+    type=click.Choice([choice for choice in QUALITY_CHOICES if choice != "ok"]),
+    help="Caption again the done jobs whose caption the quality guard flagged (with this flag).",
+)
 @caption_options
 @generation_options
 @model_options
 @variant_options
 @connection_options
 def retry(
-    submission_ids: tuple[int, ...], path_pattern: str | None, states: tuple[str, ...], **params: Any
+    submission_ids: tuple[int, ...],
+    path_pattern: str | None,
+    states: tuple[str, ...],
+    quality: str | None,
+    **params: Any,
 ) -> None:
     """Queue failed jobs again, optionally with changed caption options.
 
     Only the options given here change; each job keeps the rest of its own. A changed prompt,
-    model or generation setting makes a new request (a new dedup key) in the same row.
+    model or generation setting makes a new request (a new dedup key) in the same row. With
+    --quality, done jobs whose caption was flagged are captioned again instead.
 
     \b
     Examples:
@@ -100,13 +121,18 @@ def retry(
       joycap-queue retry --path '*/cats/*' -t Straightforward --model ./other-checkpoint
       joycap-queue retry --submission 5 --quantize none --lora ./better-lora
       joycap-queue retry --state cancelled --submission 4  # what `cancel` put off
+      joycap-queue retry --quality flagged --max-new-tokens 400   # flagged captions, longer
+      joycap-queue retry --quality repetitive --temperature 0.4 --submission 3
     """
+    if quality is not None and states:
+        raise click.UsageError("--quality retries done jobs: leave out --state")
     settings = build_settings(params)
     changes = _changes(params, settings)
+    default_states = (JobStatus.done.value,) if quality is not None else (JobStatus.failed.value,)
     summary = retry_jobs(
         settings,
-        JobSelection(submission_ids, path_pattern),
-        states=states or (JobStatus.failed.value,),
+        JobSelection(submission_ids, path_pattern, quality),
+        states=states or default_states,
         changes=changes,
     )
     changed = "" if changes.empty else " with the new options"

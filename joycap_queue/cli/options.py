@@ -137,7 +137,12 @@ def caption_options(func: F) -> F:
             ),
             click.option("--name", help="Name for the person/character option (extra option 0 / 'name')."),
             click.option(
-                "--prompt", "-p", "custom_prompt", help="A custom prompt; overrides type, length and extras."
+                "--prompt",
+                "-p",
+                "custom_prompt",
+                multiple=True,
+                help="A custom prompt; overrides type, length and extras. Repeat it for several captions "
+                'per image: one job per image and prompt (a prompt file does it with "mode": "all").',
             ),
             click.option(
                 "--prompt-file",
@@ -146,6 +151,20 @@ def caption_options(func: F) -> F:
             ),
             click.option("--prepend", default="", help="Text put before every caption (a trigger word …)."),
             click.option("--append", default="", help="Text put after every caption."),
+            click.option(
+                "--strip-lead-in",
+                is_flag=True,
+                help="Drop openings like 'This image is a photograph of' from stored captions (raw kept).",
+            ),
+            click.option(
+                "--drop-sentences",
+                multiple=True,
+                metavar="PATTERN",
+                help="Drop stored captions' sentences matching this regex, any case (repeatable), e.g. watermark.",
+            ),
+            click.option(
+                "--dedupe-tags", is_flag=True, help="Tag-list captions: keep each tag once (raw kept)."
+            ),
         ],
     )
 
@@ -170,6 +189,11 @@ def output_options(default_sidecar: tuple[str, ...]) -> Callable[[F], F]:
                     default="skip",
                     show_default=True,
                     help="What to do with a sidecar that already exists.",
+                ),
+                click.option(
+                    "--skip-flagged-sidecars",
+                    is_flag=True,
+                    help="No sidecar for a caption the quality guard flagged (see `results --quality flagged`).",
                 ),
                 click.option(
                     "--move",

@@ -36,7 +36,7 @@ from joycap_queue.errors import JoycapError, first_line
 from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
 from joycap_queue.liveness import WorkerHeartbeat
 from joycap_queue.queue import make_celery, model_queue, ping_broker
-from joycap_queue.request import build_request
+from joycap_queue.request import build_requests
 from joycap_queue.requeue import requeue_lost
 
 
@@ -82,6 +82,7 @@ WORKER_SETTINGS = (
     "openai_url",
     "shutdown_grace_s",
     "idle_unload_s",
+    "quality_retries",
 )
 GENERATE_SWITCH_INTERVAL_S = 0.0005
 
@@ -187,6 +188,14 @@ engine_option = click.option(
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--quality-retries",
+    type=click.IntRange(0, 10),
+    envvar="JOYCAP_QUALITY_RETRIES",
+    show_envvar=True,
+    help="Caption a caption flagged truncated, repetitive, empty, junk or duplicate-tags again, "
+    "with a fresh sample, up to this many times; the best attempt is kept [default: 2; 0: off].",
 )
 @click.option(
     "--idle-unload-s",
@@ -322,10 +331,12 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
       joycap-queue caption photo.jpg
       joycap-queue caption photos/ -b 8 -t Straightforward --json > captions.jsonl
       joycap-queue caption photo.jpg --quantize nf4 --lora ./my-lora
+      joycap-queue caption photo.jpg -p "Describe the lighting." -p "List the objects."
     """
     # One command, one run: idle unload is the worker's alone.
     settings = with_worker_options(build_settings(params), params).model_copy(update={"idle_unload_s": 0})
-    request = build_request(settings, params)
+    requests = build_requests(settings, params)
+    request = requests[0]  # what the prompts share: profile, generation, prepend, append
     tiny_model_notice(settings.model)
     from joycap_queue.prompts import system_prompt
     from worker.captioner import CaptionInput, GenerationParams
@@ -348,18 +359,23 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
                     failures += 1
                     click.echo(f"\n{path}: {exc}", err=True)
                     continue
-                prompt = request.prompt_for(content_hash)
-                inputs.append(
-                    CaptionInput(image=image, prompt=prompt, system_prompt=system_prompt(request.profile))
-                )
-                names.append(path)
-            for path, item, output in zip(names, inputs, caption_batch(inputs, gen), strict=True):
+                # Every image with every prompt: one caption (one output line) per image and prompt.
+                for number, each in enumerate(requests, start=1):
+                    prompt = each.prompt_for(content_hash)
+                    inputs.append(
+                        CaptionInput(image=image, prompt=prompt, system_prompt=system_prompt(each.profile))
+                    )
+                    names.append((path, number))
+            for (path, number), item, output in zip(names, inputs, caption_batch(inputs, gen), strict=True):
                 text = request.prepend + output.caption + request.append
                 if as_json:
                     record = {"path": str(path), "prompt": item.prompt, "caption": text}
                     click.echo(json.dumps(record, ensure_ascii=False))
                 else:
-                    click.echo(f"{printable(str(path), one_line=True)}: {printable(text)}")
+                    label = printable(str(path), one_line=True) + (
+                        f" (prompt {number})" if len(requests) > 1 else ""
+                    )
+                    click.echo(f"{label}: {printable(text)}")
             bar.update(len(files[start : start + batch_size]))
     if failures:
         raise JoycapError(f"{failures} of {len(files)} images could not be read")

@@ -23,9 +23,9 @@ from joycap_queue.cli.options import (
 from joycap_queue.cli.output import echo_rejections, progress
 from joycap_queue.errors import ServiceUnavailable
 from joycap_queue.images import Discovered
-from joycap_queue.intake import enqueue_images
+from joycap_queue.intake import EnqueueSummary, enqueue_images
 from joycap_queue.outages import outage, outage_line
-from joycap_queue.request import build_request
+from joycap_queue.request import build_requests
 from joycap_queue.requeue import requeue_lost
 from joycap_queue.watchconfig import output_options as output_options_for
 
@@ -52,6 +52,7 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
       joycap-queue submit photos/
       joycap-queue submit photos/ -t "Booru-like tag list" -l medium-length --extra 0 1 8 --name Alice
       joycap-queue submit a.jpg b.png --prompt-file prompts.json --prepend "ohwx, "
+      joycap-queue submit photos/ -p "Describe the lighting." -p "List the objects."   # 2 jobs per image
     """
     settings = build_settings(params)
     root = paths[0].resolve() if len(paths) == 1 and paths[0].is_dir() else Path.cwd()
@@ -62,41 +63,60 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
         move=params["move"],
         done_dir=params.get("done_dir"),
         failed_dir=params.get("failed_dir"),
+        skip_flagged=bool(params.get("skip_flagged_sidecars")),
     )
-    request = build_request(settings, params)
+    requests = build_requests(settings, params)
     tiny_model_notice(settings.model)
     begun = False
+    summaries: list[EnqueueSummary] = []
     with progress(0, "submitting") as bar:
 
         def started(total: int) -> None:
             nonlocal begun
+            if not begun:
+                bar.length = total * len(requests)
             begun = True
-            bar.length = total
 
         def advanced(_found: Discovered) -> None:
             bar.update(1)
 
         try:
-            summary = enqueue_images(
-                paths,
-                request,
-                settings,
-                force=force,
-                recursive=recursive,
-                on_start=started,
-                on_file=advanced,
-            )
+            # One request per prompt, all in one submission: the first call creates it.
+            for request in requests:
+                summaries.append(
+                    enqueue_images(
+                        paths,
+                        request,
+                        settings,
+                        force=force,
+                        recursive=recursive,
+                        on_start=started,
+                        on_file=advanced,
+                        submission_id=summaries[0].submission_id if summaries else None,
+                    )
+                )
         except Exception as exc:
             reason = outage(exc)
             if reason is None or not begun:
                 raise  # nothing was written yet: the plain error says it all
             raise ServiceUnavailable(outage_line(reason, _resume_advice(exc))) from None
-    click.echo(
-        f"submission {summary.submission_id}: queued {summary.queued}, already done {summary.already_done}, "
-        f"already queued {summary.already_queued}, skipped {summary.skipped}, rejected {summary.rejected} "
-        f"({summary.total} files)"
+    click.echo(_summary_line(summaries))
+    rejections = list(dict.fromkeys(item for summary in summaries for item in summary.rejections))
+    echo_rejections(rejections, hint=" (joycap-queue results --state failed)")
+
+
+def _summary_line(summaries: list[EnqueueSummary]) -> str:
+    """One line for the whole submission: jobs summed over the prompts, files counted once."""
+    first = summaries[0]
+    queued = sum(s.queued for s in summaries)
+    done = sum(s.already_done for s in summaries)
+    waiting = sum(s.already_queued for s in summaries)
+    rejected = sum(s.rejected for s in summaries)
+    files = f"{first.total} files" + (f", {len(summaries)} prompts" if len(summaries) > 1 else "")
+    return (
+        f"submission {first.submission_id}: queued {queued}, already done {done}, "
+        f"already queued {waiting}, skipped {first.skipped}, rejected {rejected} ({files})"
     )
-    echo_rejections(summary.rejections, hint=" (joycap-queue results --state failed)")
 
 
 def _resume_advice(exc: Exception) -> str:
