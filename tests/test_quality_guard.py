@@ -110,3 +110,41 @@ def test_truncated_captions_are_retried_and_kept_done(
     assert json.loads(service.cli("results", "--quality", "ok", "--json").stdout) == []
     assert len(json.loads(service.cli("results", "--quality", "truncated", "--json").stdout)) == 3
     assert "flagged" in service.cli("status").stdout
+
+
+def test_clean_up_rules_change_the_stored_caption_and_keep_the_raw_one(
+    service_for: Callable[[str], Service],
+    sqlite_url: str,
+    image_factory: Callable[..., list[Path]],
+    looping_model: tuple[Path, str],
+    tmp_path: Path,
+) -> None:
+    model, word = looping_model
+    image_factory(tmp_path / "images", 1)
+    service = service_for(sqlite_url)
+    service.env.update(JOYCAP_MODEL=str(model))
+    # The looping caption is one run-on sentence of the same word: dropping the sentences that
+    # mention it leaves nothing, which the guard then flags as empty.
+    service.cli(
+        "submit", str(tmp_path / "images"), "--greedy", "--drop-sentences", word, "--prepend", "tag, "
+    )
+    plain = tmp_path / "plain"
+    image_factory(plain, 1)
+    service.cli("submit", str(plain), "--greedy", "--prepend", "tag, ")
+    service.start_worker()
+    wait_until(lambda: all(j.status == "done" for j in jobs_in(sqlite_url)), timeout=120, what="the jobs")
+    cleaned, untouched = jobs_in(sqlite_url)
+    assert json.loads(cleaned.cleanup)["drop_sentences"] == [word]
+    assert cleaned.caption == "tag, "
+    assert (cleaned.raw_caption or "").startswith(f"tag, {word} {word}")
+    assert cleaned.quality is not None and "empty" in cleaned.quality.split(",")
+    # Without rules nothing is dropped and no raw copy is kept.
+    assert (untouched.caption or "").startswith(f"tag, {word}") and untouched.raw_caption is None
+    raw = service.cli("export", "--raw", "-o", str(tmp_path / "raw.jsonl"))
+    assert raw.returncode == 0
+    exported = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert any(
+        record["caption"].startswith(f"tag, {word} {word}")
+        for record in exported
+        if record["id"] == cleaned.id
+    )
