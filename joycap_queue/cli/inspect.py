@@ -272,7 +272,8 @@ def results(
     elif full:
         for job in jobs:
             flags = f" [{job.quality}]" if job.quality not in (None, "ok") else ""
-            click.echo(f"== {job.id} {job.status}{flags} {printable(job.path, one_line=True)}")
+            # The flag after the path: "== id state path" stays what scripts read.
+            click.echo(f"== {job.id} {job.status} {printable(job.path, one_line=True)}{flags}")
             click.echo(printable(job.caption if job.status == "done" else job.error))
     else:
         rows = [
