@@ -1,4 +1,4 @@
-"""The worker's Redis transport shortcuts (worker/runtime.py) keep kombu's guarantees.
+"""The worker's Redis transport shortcuts (worker/transport.py) keep kombu's guarantees.
 
 Deliveries are taken and filed as unacknowledged by one Lua script, several at a time, and the
 acks of one loop pass leave together. Through a real worker: every message is delivered once,

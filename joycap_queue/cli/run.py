@@ -247,7 +247,8 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     if settings.backend == "null":
         warning = "warning: null backend: no model runs, every caption is a fixed placeholder"
         click.secho(f"{warning} (for measuring the queue's own cost)", fg="yellow", err=True)
-    from worker.runtime import batch_task_events, install_shutdown_grace, reuse_redis_clients
+    from worker.runtime import install_shutdown_grace
+    from worker.transport import install_redis_shortcuts
 
     stream = load_stream(settings)
     # Celery's threads pool enforces no time limit: the stream does (a late caption fails; a
@@ -256,8 +257,7 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
     # -b auto is resolved now, by the engine's memory arithmetic: size the thread pool from it.
     settings = settings.model_copy(update={"batch_size": stream.max_batch_size})
     install_shutdown_grace(settings.shutdown_grace_s)
-    reuse_redis_clients()
-    batch_task_events()
+    install_redis_shortcuts()
     # The model thread must get the GIL back at once after each torch op: at the default 5 ms,
     # task threads holding it slowed each batch by about 12% (bench/batching.py, tiny model).
     sys.setswitchinterval(GENERATE_SWITCH_INTERVAL_S)
