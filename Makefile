@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m joycap_queue.demo
+	$(BIN)/python -m joycap_queue.ops.demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from bench.common import machine, make_images, print_table, record, stack
-from joycap_queue.images import open_image_rgb
-from joycap_queue.intake import CaptionRequest, enqueue_images
-from joycap_queue.prompts import CaptionOptions, system_prompt
+from joycap_queue.captions.prompts import CaptionOptions, system_prompt
+from joycap_queue.intake.enqueue import CaptionRequest, enqueue_images
+from joycap_queue.intake.images import open_image_rgb
 from worker.backends.base import CaptionInput, GenerationParams
-from worker.captioner import Captioner
-from worker.tiny import build_tiny_model
+from worker.model.captioner import Captioner
+from worker.model.tiny import build_tiny_model
 
 # Enough for 8 full batches at 16: the first batch waits for its images to be claimed and decoded,
 # a one-off ramp that a short run would overweight.

@@ -25,10 +25,10 @@ from PIL import Image
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from joycap_queue import db
 from joycap_queue.config import Settings
-from joycap_queue.models import Job
-from joycap_queue.services import RedisServer, start_redis
+from joycap_queue.ops.services import RedisServer, start_redis
+from joycap_queue.store import engines
+from joycap_queue.store.models import Job
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ class Stack:
         self.workers.clear()
 
     def finished(self) -> int:
-        with Session(db.get_engine(self.database_url)) as session:
+        with Session(engines.get_engine(self.database_url)) as session:
             query = select(func.count()).select_from(Job).where(col(Job.status).in_(["done", "failed"]))
             return int(session.exec(query).one())
 
@@ -192,13 +192,13 @@ class Stack:
         raise RuntimeError(f"only {self.finished()} of {count} jobs finished within {timeout} s")
 
     def failed(self) -> list[tuple[str, str | None]]:
-        with Session(db.get_engine(self.database_url)) as session:
+        with Session(engines.get_engine(self.database_url)) as session:
             return [(j.path, j.error) for j in session.exec(select(Job).where(col(Job.status) == "failed"))]
 
     def fresh_queue(self) -> None:
         """A new queue and an empty database, for the next measurement in the same stack."""
         self.stop_workers()
-        db.dispose_engines()
+        engines.dispose_engines()
         for stale in self.workdir.glob("bench.db*"):
             stale.unlink()
         self.queue = f"bench-{uuid.uuid4().hex[:8]}"
@@ -214,5 +214,5 @@ def stack(model: str) -> Iterator[Stack]:
             yield running
         finally:
             running.stop_workers()
-            db.dispose_engines()
+            engines.dispose_engines()
             redis.stop()

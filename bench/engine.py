@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import machine, make_images, print_table, record
-from joycap_queue.images import open_image_rgb
-from joycap_queue.prompts import CaptionOptions, build_prompt, system_prompt
+from joycap_queue.captions.prompts import CaptionOptions, build_prompt, system_prompt
+from joycap_queue.intake.images import open_image_rgb
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.batcher import Batcher
-from worker.captioner import Captioner, PreparedImage
-from worker.engine import ContinuousEngine
-from worker.tiny import build_tiny_model
+from worker.engine.continuous import ContinuousEngine
+from worker.model.captioner import Captioner, PreparedImage
+from worker.model.tiny import build_tiny_model
 
 IMAGES = 128
 IN_FLIGHT = 16

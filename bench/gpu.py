@@ -12,7 +12,7 @@ vary. The arms, in one run:
 - the continuous engine at ``-b auto`` (slots from the KV arithmetic, CUDA graphs);
 - vLLM at 128, when it is installed (it is not on the machines we could measure on);
 - with ``JOYCAP_BENCH_GPU_QUANTIZED=1``, then ``--quantize 8bit`` and ``--quantize nf4``: the
-  continuous engine at ``-b auto`` on the card the memory table (``worker/memory_table.py``)
+  continuous engine at ``-b auto`` on the card the memory table (``worker/model/memory_table.py``)
   says each mode fits first (8bit: 16 GB, nf4: 12 GB), emulated with ``kv_memory_fraction``, 32
   images of 60-128 new tokens each; images/s, peak memory, and the weights and slots measured
   against the table's. About 3 more minutes (a 17 GB save and two quantized loads), so opt-in;
@@ -40,8 +40,8 @@ from PIL import Image
 from bench.common import machine, print_table, record
 from bench.model import build_random_joycaption, build_tokenizer, random_model
 from joycap_queue.errors import first_line
-from worker import memory_table
 from worker.backends.base import CaptionInput, GenerationParams
+from worker.model import memory_table
 
 TOKENS = 256
 SHORTEST = 60
@@ -131,8 +131,8 @@ def bench_transformers(params: GenerationParams) -> list[dict[str, Any]]:
     import torch
 
     from worker.batcher import Batcher
-    from worker.captioner import Captioner
-    from worker.engine import ContinuousEngine
+    from worker.engine.continuous import ContinuousEngine
+    from worker.model.captioner import Captioner
 
     captioner = Captioner("random-joycaption-full", device=DEVICE, dtype="bfloat16")
     if DRY_RUN:
@@ -222,7 +222,7 @@ def quantized_folder(root: Path) -> Path:
 
 def load_quantized(folder: Path, mode: str) -> tuple[Any, str]:
     """The captioner for ``mode``, through the worker's own ``--quantize`` path."""
-    from worker.captioner import Captioner
+    from worker.model.captioner import Captioner
 
     captioner = Captioner(str(folder), device=DEVICE, dtype="bfloat16", quantize=mode)
     captioner.load()
@@ -239,7 +239,7 @@ def _allocated() -> int:
 def quantized_row(folder: Path, mode: str, params: GenerationParams) -> dict[str, Any]:
     import torch
 
-    from worker.engine import ContinuousEngine
+    from worker.engine.continuous import ContinuousEngine
 
     gib = 2**30
     card = EMULATED_CARD_GIB[mode]

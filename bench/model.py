@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from worker.tiny import BPE_VOCAB_SIZE, CHAT_TEMPLATE, LLAMA3_SPLIT, _corpus
+from worker.model.tiny import BPE_VOCAB_SIZE, CHAT_TEMPLATE, LLAMA3_SPLIT, _corpus
 
 VOCAB = 128_256
 FIRST_SPECIAL = 128_000

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from bench.common import Stack, machine, make_images, print_table, record, stack
-from joycap_queue.images import open_image_rgb
-from joycap_queue.intake import CaptionRequest, enqueue_images
-from joycap_queue.prompts import CaptionOptions, system_prompt
+from joycap_queue.captions.prompts import CaptionOptions, system_prompt
+from joycap_queue.intake.enqueue import CaptionRequest, enqueue_images
+from joycap_queue.intake.images import open_image_rgb
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.backends.null import NullBackend
 

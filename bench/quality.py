@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from bench.common import RESULTS, machine, print_table, record
-from joycap_queue.quality import assess, dedupe_tags, drop_sentences, strip_lead_in
+from joycap_queue.captions.quality import assess, dedupe_tags, drop_sentences, strip_lead_in
 
 CAPTIONS = 2000
 SEED = 20261203

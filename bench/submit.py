@@ -14,8 +14,8 @@ import zlib
 from pathlib import Path
 
 from bench.common import machine, print_table, record, stack
-from joycap_queue.intake import CaptionRequest, enqueue_images
-from joycap_queue.prompts import CaptionOptions
+from joycap_queue.captions.prompts import CaptionOptions
+from joycap_queue.intake.enqueue import CaptionRequest, enqueue_images
 
 FILES = 100_000
 TARGET = 5000.0

@@ -22,12 +22,12 @@ from PIL import Image
 from sqlmodel import Session, func, select
 
 from bench.common import print_table, record
-from joycap_queue import db
 from joycap_queue.config import Settings
-from joycap_queue.models import Job
-from joycap_queue.services import start_redis
-from joycap_queue.watchconfig import inbox_config
-from joycap_queue.watcher import FolderWatcher
+from joycap_queue.intake.watch.config import inbox_config
+from joycap_queue.intake.watch.watcher import FolderWatcher
+from joycap_queue.ops.services import start_redis
+from joycap_queue.store import engines
+from joycap_queue.store.models import Job
 
 LATENCY_FILES = 100
 LATENCY_GAP_S = 0.05
@@ -44,12 +44,12 @@ def png(seed: int) -> bytes:
 
 
 def queued_times(settings: Settings) -> dict[str, float]:
-    with Session(db.get_engine(settings.effective_database_url)) as session:
+    with Session(engines.get_engine(settings.effective_database_url)) as session:
         return {job.path: job.queued_at.timestamp() for job in session.exec(select(Job))}
 
 
 def count_jobs(settings: Settings) -> int:
-    with Session(db.get_engine(settings.effective_database_url)) as session:
+    with Session(engines.get_engine(settings.effective_database_url)) as session:
         return int(session.exec(select(func.count()).select_from(Job)).one())
 
 

@@ -2,7 +2,7 @@
 
 Nothing here is a mock: Redis is a `redis-server` child process on a free port, the database is a
 SQLite file or a schema of its own in the PostgreSQL on 127.0.0.1:5432 (or, where none answers
-there, in a PostgreSQL the session starts itself: tests/postgres_server.py), and a worker is
+there, in a PostgreSQL the session starts itself: tests/support/postgres_server.py), and a worker is
 `joycap-queue worker` in a subprocess running the tiny model through transformers.
 """
 
@@ -23,12 +23,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, make_url, text
 
-from joycap_queue import db
 from joycap_queue.config import Settings
-from joycap_queue.queue import queues_key
-from joycap_queue.services import RedisServer, start_redis
-from tests import postgres_server
-from tests.postgres_server import answers, start_postgres
+from joycap_queue.messaging.app import queues_key
+from joycap_queue.ops.services import RedisServer, start_redis
+from joycap_queue.store import engines
+from tests.support import postgres_server
+from tests.support.postgres_server import answers, start_postgres
 
 # Read when huggingface_hub is first imported, so set before any test module imports transformers.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -60,7 +60,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny import build_tiny_model
+    from worker.model.tiny import build_tiny_model
 
     return Path(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
 
@@ -82,7 +82,7 @@ def postgres_base_url() -> Iterator[str]:
         return
     server = start_postgres()
     yield server.url
-    db.dispose_engines()
+    engines.dispose_engines()
     server.stop()
 
 
@@ -106,7 +106,7 @@ def postgres_url(postgres_base_url: str) -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     yield f"{postgres_base_url}?options=-csearch_path%3D{schema}"
-    db.dispose_engines()
+    engines.dispose_engines()
     with admin.begin() as conn:
         conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     admin.dispose()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from joycap_queue.config import get_settings
-from joycap_queue.queue import make_celery
+from joycap_queue.messaging.app import make_celery
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]

@@ -4,7 +4,7 @@ A batch ends with all of its captions at once. Each task thread storing its own 
 transaction each: on SQLite a WAL append and a hand-over of its one write lock per caption,
 on PostgreSQL a commit round trip per caption. Here the task threads hand their caption over
 and wait; the writer takes everything handed in since its last commit and stores it in one
-transaction (``db.complete_jobs``), each job still its own conditional UPDATE. It never waits
+transaction (``jobstate.complete_jobs``), each job still its own conditional UPDATE. It never waits
 for more to arrive: a caption alone is stored at once, and whatever comes in while a commit is
 under way goes into the next one.
 
@@ -22,8 +22,8 @@ from concurrent.futures import Future
 
 from sqlalchemy.engine import Engine
 
-from joycap_queue import db
-from joycap_queue.db import Completion
+from joycap_queue.store import engines, jobstate
+from joycap_queue.store.jobstate import Completion
 
 log = logging.getLogger(__name__)
 # A few batches' worth: more per transaction gains nothing and holds SQLite's lock longer.
@@ -47,7 +47,7 @@ class CompletionWriter:
             return len(self._pending)
 
     def complete(self, completion: Completion) -> bool:
-        """``db.complete_jobs`` for one caption, with the others waiting; raises what it raised."""
+        """``jobstate.complete_jobs`` for one caption, with the others waiting; raises what it raised."""
         future: Future[bool] = Future()
         with self._wake:
             if self._thread is None:
@@ -75,9 +75,11 @@ class CompletionWriter:
     def _store(self, group: list[tuple[Completion, Future[bool]]]) -> None:
         items = [completion for completion, _future in group]
         try:
-            stored = db.retrying(self.retry_s, what=_describe(items))(db.complete_jobs, self.engine, items)
+            stored = engines.retrying(self.retry_s, what=_describe(items))(
+                jobstate.complete_jobs, self.engine, items
+            )
         except Exception as exc:
-            if len(group) == 1 or db.is_transient(exc):
+            if len(group) == 1 or engines.is_transient(exc):
                 # One caption, or the database stayed away for the whole retry budget: storing
                 # each alone would only wait that long again, once per caption.
                 for _completion, future in group:
@@ -92,8 +94,8 @@ class CompletionWriter:
 
     def _store_one(self, completion: Completion, future: Future[bool]) -> None:
         try:
-            stored = db.retrying(self.retry_s, what=_describe([completion]))(
-                db.complete_jobs, self.engine, [completion]
+            stored = engines.retrying(self.retry_s, what=_describe([completion]))(
+                jobstate.complete_jobs, self.engine, [completion]
             )
         except Exception as exc:  # noqa: BLE001 - it belongs to the task thread that waits on it
             future.set_exception(exc)

@@ -19,14 +19,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
-from joycap_queue import db
+from joycap_queue.captions.modelspec import spec_key
+from joycap_queue.captions.prompts import system_prompt
+from joycap_queue.captions.quality import CleanupRules
 from joycap_queue.config import Settings, mask_url
-from joycap_queue.images import ImageError, check_allowed, open_image_rgb, read_verified
-from joycap_queue.models import JobStatus
-from joycap_queue.modelspec import spec_key
-from joycap_queue.prompts import system_prompt
-from joycap_queue.quality import CleanupRules
-from joycap_queue.sidecars import OutputOptions, finish_job_outputs
+from joycap_queue.intake.images import ImageError, check_allowed, open_image_rgb, read_verified
+from joycap_queue.results.sidecars import OutputOptions, finish_job_outputs
+from joycap_queue.store import engines, jobstate
+from joycap_queue.store.models import JobStatus
 from worker.backends.base import CaptionInput, GenerationParams
 from worker.batcher import CaptionService, HandedBack
 from worker.completions import CompletionWriter
@@ -62,17 +62,17 @@ def run_caption_job(
     """
     gate = gate or Gate()
     # One name for this delivery's claim, kept across its retries: a retry after a lost COMMIT
-    # acknowledgement then knows the job it finds running as its own (db.claim_job).
+    # acknowledgement then knows the job it finds running as its own (jobstate.claim_job).
     claim_id = uuid.uuid4().hex
 
     def note_waiting() -> None:
-        db.receive_job(engine, job_id, worker=worker_name)
+        jobstate.receive_job(engine, job_id, worker=worker_name)
 
-    def claim(alone: bool) -> db.Claim:
+    def claim(alone: bool) -> jobstate.Claim:
         # On this thread, not the writer's: claims arrive one at a time, as Celery hands out
         # messages, so a group would hold one claim and cost a hand-over (measured: more CPU).
         call = functools.partial(
-            db.claim_job,
+            jobstate.claim_job,
             engine,
             job_id,
             worker=worker_name,
@@ -86,12 +86,12 @@ def run_caption_job(
             # for what is left of the budget (a retry after a lost COMMIT knows its own claim).
             return call()
         except Exception as exc:
-            if not db.is_transient(exc):
+            if not engines.is_transient(exc):
                 raise
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             log.warning("database write failed (claim job %s): %s; retrying", job_id, mask_url(reason))
         left_s = max(settings.db_retry_s - (time.monotonic() - started), 0.0)
-        return db.retrying(left_s, what=f"claim job {job_id}")(call)
+        return engines.retrying(left_s, what=f"claim job {job_id}")(call)
 
     try:
         # Most jobs run with others; the claim itself says when this one must not, so no job
@@ -104,13 +104,13 @@ def run_caption_job(
             return _run(job_id, claim(alone=True), engine, captioner, settings, worker_name, writer, claim_id)
     except HandedBack:
         # Stopped while waiting its turn: never claimed, so only the note of holding it goes.
-        db.return_to_queue(engine, job_id, status=JobStatus.queued.value, worker=worker_name)
+        jobstate.return_to_queue(engine, job_id, status=JobStatus.queued.value, worker=worker_name)
         return JobOutcome(job_id, HANDED_BACK)
 
 
 def _run(
     job_id: int,
-    claim: db.Claim,
+    claim: jobstate.Claim,
     engine: Engine,
     captioner: CaptionService,
     settings: Settings,
@@ -148,12 +148,12 @@ def _run(
         output = guarded.output
     except HandedBack:
         # The worker is stopping: the job goes back uncounted, and the task hands its message back.
-        db.return_to_queue(
+        jobstate.return_to_queue(
             engine,
             job_id,
             status=JobStatus.running.value,
             worker=worker_name,
-            attempts=db.give_back_attempt(),
+            attempts=jobstate.give_back_attempt(),
         )
         log.info("job %s handed back: the worker is stopping", job_id)
         return JobOutcome(job_id, HANDED_BACK)
@@ -166,7 +166,7 @@ def _run(
         log.exception("job %s: captioning failed", job_id)
         reason = f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0]
         return _failed(engine, settings, job_id, reason, outputs=wants_outputs)
-    completion = db.Completion(
+    completion = jobstate.Completion(
         job_id,
         job.prepend + guarded.caption + job.append,
         output.prompt_tokens,
@@ -182,8 +182,8 @@ def _run(
         if writer is not None:
             stored = writer.complete(completion)
         else:
-            stored = db.retrying(settings.db_retry_s, what=f"store the caption of job {job_id}")(
-                db.complete_jobs, engine, [completion]
+            stored = engines.retrying(settings.db_retry_s, what=f"store the caption of job {job_id}")(
+                jobstate.complete_jobs, engine, [completion]
             )[0]
     except (DataError, IntegrityError) as exc:
         # The database refuses this value for good; retrying cannot help, so the job fails.
@@ -212,10 +212,14 @@ def _hand_on(engine: Engine, settings: Settings, job_id: int, model: str, worker
     """A job for another model (or quantization, or adapter: ``model`` is its ModelSpec key), from
     the shared queue: back to `queued` uncounted and on to its model's queue, for a worker that
     serves it. Never failed here."""
-    from joycap_queue.queue import make_celery, send_caption_jobs
+    from joycap_queue.messaging.app import make_celery, send_caption_jobs
 
-    if db.return_to_queue(
-        engine, job_id, status=JobStatus.running.value, worker=worker_name, attempts=db.give_back_attempt()
+    if jobstate.return_to_queue(
+        engine,
+        job_id,
+        status=JobStatus.running.value,
+        worker=worker_name,
+        attempts=jobstate.give_back_attempt(),
     ):
         send_caption_jobs(make_celery(settings), [job_id], queue=settings.queue, model=model)
         log.info("job %s asks for model %s: handed on to that model's queue", job_id, model)
@@ -225,8 +229,8 @@ def _hand_on(engine: Engine, settings: Settings, job_id: int, model: str, worker
 def _failed(engine: Engine, settings: Settings, job_id: int, reason: str, *, outputs: bool) -> JobOutcome:
     log.warning("job %s failed: %s", job_id, reason)
     if (
-        db.retrying(settings.db_retry_s, what=f"record the failure of job {job_id}")(
-            db.fail_job, engine, job_id, reason
+        engines.retrying(settings.db_retry_s, what=f"record the failure of job {job_id}")(
+            jobstate.fail_job, engine, job_id, reason
         )
         and outputs
     ):

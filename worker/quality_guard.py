@@ -15,8 +15,15 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from joycap_queue.captions.quality import (
+    CleanupRules,
+    QualityThresholds,
+    assess,
+    badness,
+    is_tag_list,
+    quality_of,
+)
 from joycap_queue.config import Settings
-from joycap_queue.quality import CleanupRules, QualityThresholds, assess, badness, is_tag_list, quality_of
 from worker.backends.base import CaptionInput, CaptionOutput, GenerationParams
 
 DEFAULT_SAMPLING = GenerationParams()

@@ -17,7 +17,7 @@ from worker.batcher import Batcher
 from worker.gate import Gate
 
 if TYPE_CHECKING:
-    from worker.engine import ContinuousEngine
+    from worker.engine.continuous import ContinuousEngine
     from worker.idle import IdleUnloading
 
 # What task threads hand images to: the continuous engine, or the batcher over any backend (or
@@ -74,8 +74,8 @@ def get_batcher(settings: Settings | None = None) -> CaptionStream:
 
 def _make_stream(settings: Settings, backend: Backend) -> CaptionStream:
     if settings.uses_engine:
-        from worker.captioner import Captioner
-        from worker.engine import ContinuousEngine
+        from worker.engine.continuous import ContinuousEngine
+        from worker.model.captioner import Captioner
 
         assert isinstance(backend, Captioner)
         return ContinuousEngine(

@@ -8,9 +8,9 @@ import socket
 from celery import Task
 from celery.exceptions import Reject
 
-from joycap_queue import db
 from joycap_queue.config import get_settings
-from joycap_queue.queue import CAPTION_TASK
+from joycap_queue.messaging.app import CAPTION_TASK
+from joycap_queue.store import engines
 from worker.app import app
 from worker.completions import get_completion_writer
 from worker.jobs import HANDED_BACK, run_caption_job
@@ -26,7 +26,7 @@ def caption(self: Task, job_id: object) -> str:
         log.error("rejected malformed %s message: job id %r is not an integer", CAPTION_TASK, job_id)
         return "rejected"
     settings = get_settings()
-    engine = db.get_engine(settings.effective_database_url)
+    engine = engines.get_engine(settings.effective_database_url)
     outcome = run_caption_job(
         job_id,
         engine=engine,

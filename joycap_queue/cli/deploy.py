@@ -19,7 +19,6 @@ from typing import Any
 import click
 from sqlalchemy.engine import Engine, make_url
 
-from joycap_queue import db, leases
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
@@ -33,11 +32,12 @@ from joycap_queue.cli.options import (
 )
 from joycap_queue.config import Settings, mask_url, settings_environment
 from joycap_queue.errors import JoycapError, OptionError
-from joycap_queue.queue import make_celery, ping_broker
-from joycap_queue.services import RedisServer, redis_reachable, start_redis
-from joycap_queue.supervise import Supervisor
-from joycap_queue.watchconfig import inbox_config
-from joycap_queue.watcher import FolderWatcher
+from joycap_queue.intake.watch.config import inbox_config
+from joycap_queue.intake.watch.watcher import FolderWatcher
+from joycap_queue.messaging.app import make_celery, ping_broker
+from joycap_queue.ops.services import RedisServer, redis_reachable, start_redis
+from joycap_queue.ops.supervise import Supervisor
+from joycap_queue.store import engines, leases
 
 FLOWER_HEARTBEAT_S = 5.0
 
@@ -101,7 +101,7 @@ def start_flower(
     log_path: Path | None,
 ) -> str:
     env = flower_environment(settings, address=address, no_auth=no_auth)
-    argv = [sys.executable, "-m", "celery", "-A", "joycap_queue.celery_app", "flower"]
+    argv = [sys.executable, "-m", "celery", "-A", "joycap_queue.messaging.celery_app", "flower"]
     child = supervisor.start(
         "flower", [*argv, f"--port={port}", f"--address={address}"], env=env, log_path=log_path
     )
@@ -179,7 +179,7 @@ def flower(port: int, address: str, no_auth: bool, **params: Any) -> None:
     settings = build_settings(params)
     flower_environment(settings, address=address, no_auth=no_auth)  # refuse bad auth before starting
     ping_broker(make_celery(settings))
-    engine = db.get_engine(settings.effective_database_url)
+    engine = engines.get_engine(settings.effective_database_url)
     supervisor = Supervisor()
     _stop_on_sigterm()
     beat = None
@@ -255,8 +255,8 @@ def up(
             )
         else:
             click.echo(f"redis:    {mask_url(settings.broker_url)}")
-        engine = db.get_engine(settings.effective_database_url)
-        database = make_url(db.normalize_url(settings.effective_database_url))
+        engine = engines.get_engine(settings.effective_database_url)
+        database = make_url(engines.normalize_url(settings.effective_database_url))
         shown = (
             database.database
             if database.get_backend_name() == "sqlite"

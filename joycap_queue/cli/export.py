@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 
-from joycap_queue import db
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
@@ -22,9 +21,11 @@ from joycap_queue.cli.options import (
     variant_options,
 )
 from joycap_queue.cli.output import echo_rejections, printable, progress
-from joycap_queue.datasource import resolve_source
 from joycap_queue.errors import OptionError, ServiceUnavailable
-from joycap_queue.exporting import (
+from joycap_queue.intake.datasets.source import resolve_source
+from joycap_queue.intake.imagestore import store_root
+from joycap_queue.outages import outage, outage_line
+from joycap_queue.results.export import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_NAME_COLUMN,
     FORMATS,
@@ -40,10 +41,9 @@ from joycap_queue.exporting import (
     write_parquet,
     write_sidecar_files,
 )
-from joycap_queue.imagestore import store_root
-from joycap_queue.models import JobStatus
-from joycap_queue.outages import outage, outage_line
-from joycap_queue.sidecars import SIDECAR_MODES
+from joycap_queue.results.sidecars import SIDECAR_MODES
+from joycap_queue.store import engines
+from joycap_queue.store.models import JobStatus
 
 STATES = [status.value for status in JobStatus]
 SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -198,10 +198,10 @@ def export(
     if fmt in ("parquet", "hf-dataset") and output is None:
         raise OptionError("output", f"--format {fmt} needs --output")
     with _stopped_by_outages(fmt, output):
-        engine = db.get_engine(settings.effective_database_url)
+        engine = engines.get_engine(settings.effective_database_url)
 
         if fmt == "hf-dataset" and dataset is not None:
-            from joycap_queue.exporting_hf import export_source_dataset
+            from joycap_queue.results.hf_dataset import export_source_dataset
 
             assert output is not None
             with progress(0, "captions") as bar:
@@ -244,7 +244,7 @@ def export(
                 )
                 return
             if fmt == "hf-dataset":
-                from joycap_queue.exporting_hf import export_jobs_dataset, prompt_slots
+                from joycap_queue.results.hf_dataset import export_jobs_dataset, prompt_slots
 
                 assert output is not None
                 count = export_jobs_dataset(
@@ -344,7 +344,7 @@ def submit_dataset(
       joycap-queue submit-dataset ./photos/            # an image folder (metadata.csv columns too)
       joycap-queue submit-dataset user/dataset --split test   # from the hub, when online
     """
-    from joycap_queue.dataset_intake import submit_dataset as run_submit
+    from joycap_queue.intake.datasets.submit import submit_dataset as run_submit
 
     settings = build_settings(params)
     if image_store is not None:

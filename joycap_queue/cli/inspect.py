@@ -13,15 +13,15 @@ import click
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from joycap_queue import db
+from joycap_queue.captions.quality import FLAGS
 from joycap_queue.cli.options import build_settings, connection_options, tiny_model_notice
 from joycap_queue.cli.output import printable, table
-from joycap_queue.exporting import QUALITY_CHOICES, quality_condition
-from joycap_queue.models import Job, JobPublic, JobStatus, utcnow
+from joycap_queue.intake.watch.watcher import STALE_AFTER
 from joycap_queue.outages import OutageWait
-from joycap_queue.quality import FLAGS
-from joycap_queue.recovery import WORKER_KIND, stale_after
-from joycap_queue.watcher import STALE_AFTER
+from joycap_queue.recovery.sweep import WORKER_KIND, stale_after
+from joycap_queue.results.export import QUALITY_CHOICES, quality_condition
+from joycap_queue.store import engines, queries
+from joycap_queue.store.models import Job, JobPublic, JobStatus, utcnow
 
 FLOWER_STALE = timedelta(seconds=20)
 
@@ -39,9 +39,9 @@ def _format_eta(seconds: float) -> str:
 def status_report(
     session: Session, submission_id: int | None, *, worker_stale: timedelta = timedelta(seconds=20)
 ) -> tuple[str, dict[str, int]]:
-    counts = db.status_counts(session, submission_id=submission_id)
+    counts = queries.status_counts(session, submission_id=submission_id)
     total = sum(counts.values())
-    rate = db.rate_per_minute(session, window=RATE_WINDOW, submission_id=submission_id)
+    rate = queries.rate_per_minute(session, window=RATE_WINDOW, submission_id=submission_id)
     remaining = counts["queued"] + counts["running"]
     scope = f"submission {submission_id}" if submission_id is not None else "all jobs"
     lines = [
@@ -56,7 +56,7 @@ def status_report(
         lines.append(f"eta: unknown ({remaining} images waiting, nothing finished recently)")
     lines.extend(watcher_lines(session))
     lines.extend(worker_lines(session, worker_stale))
-    for endpoint in db.active_endpoints(session, kind="flower", stale_after=FLOWER_STALE):
+    for endpoint in queries.active_endpoints(session, kind="flower", stale_after=FLOWER_STALE):
         lines.append(f"flower: {endpoint.url} (pid {endpoint.pid} on {endpoint.host})")
     return "\n".join(lines), counts
 
@@ -103,8 +103,8 @@ def matching_jobs(
     quality: str | None,
     limit: int | None,
 ) -> list[JobPublic]:
-    """`db.list_jobs` with `--quality` too (its condition is shared with export and retry)."""
-    conditions = db.job_conditions(
+    """`queries.list_jobs` with `--quality` too (its condition is shared with export and retry)."""
+    conditions = queries.job_conditions(
         session,
         states=states,
         submission_ids=[submission_id] if submission_id is not None else [],
@@ -121,7 +121,7 @@ def matching_jobs(
 
 def worker_lines(session: Session, stale_after: timedelta) -> list[str]:
     """Live workers (a heartbeat within ``stale_after``) and their model's state."""
-    workers = db.active_endpoints(session, kind=WORKER_KIND, stale_after=stale_after)
+    workers = queries.active_endpoints(session, kind=WORKER_KIND, stale_after=stale_after)
     if not workers:
         return []
     lines = ["workers:"]
@@ -133,14 +133,16 @@ def worker_lines(session: Session, stale_after: timedelta) -> list[str]:
 
 
 def watcher_lines(session: Session) -> list[str]:
-    watchers = db.active_watchers(session, stale_after=STALE_AFTER)
+    watchers = queries.active_watchers(session, stale_after=STALE_AFTER)
     if not watchers:
         return []
     lines = ["watchers:"]
     now = utcnow()
     for watcher in watchers:
         finished = (
-            db.status_counts(session, submission_id=watcher.submission_id) if watcher.submission_id else {}
+            queries.status_counts(session, submission_id=watcher.submission_id)
+            if watcher.submission_id
+            else {}
         )
         beat = (
             watcher.heartbeat_at
@@ -183,11 +185,11 @@ def status(
     """
     settings = build_settings(params)
     tiny_model_notice(settings.model)
-    engine = db.get_engine(settings.effective_database_url)
+    engine = engines.get_engine(settings.effective_database_url)
     started = time.monotonic()
     with Session(engine) as session:
         if latest:
-            submission_id = db.latest_submission_id(session)
+            submission_id = queries.latest_submission_id(session)
     # Once it has answered, a database that goes away (a restart, a failover, a lock held past
     # the busy timeout) is waited for: --watch is meant to be left running.
     outages = OutageWait(
@@ -251,7 +253,7 @@ def results(
       joycap-queue results --quality flagged --full         # what the quality guard flagged
     """
     settings = build_settings(params)
-    engine = db.get_engine(settings.effective_database_url)
+    engine = engines.get_engine(settings.effective_database_url)
     with Session(engine) as session:
         jobs = matching_jobs(
             session,

@@ -7,7 +7,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from joycap_queue import prompts
+from joycap_queue.captions import prompts
+from joycap_queue.captions.modelspec import check_adapter, check_quantize
+from joycap_queue.captions.request import custom_prompts as custom_prompts_of
 from joycap_queue.cli.options import (
     GENERATION_SETTINGS,
     ExtraGreedyCommand,
@@ -19,8 +21,7 @@ from joycap_queue.cli.options import (
     variant_options,
 )
 from joycap_queue.errors import OptionError
-from joycap_queue.exporting import QUALITY_CHOICES
-from joycap_queue.jobcontrol import (
+from joycap_queue.ops.jobcontrol import (
     JobSelection,
     RequestChanges,
     cancel_jobs,
@@ -28,9 +29,8 @@ from joycap_queue.jobcontrol import (
     retry_jobs,
     submission_counts,
 )
-from joycap_queue.models import JobStatus
-from joycap_queue.modelspec import check_adapter, check_quantize
-from joycap_queue.request import custom_prompts as custom_prompts_of
+from joycap_queue.results.export import QUALITY_CHOICES
+from joycap_queue.store.models import JobStatus
 
 MAX_LISTED_CONFLICTS = 10
 

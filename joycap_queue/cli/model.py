@@ -37,7 +37,7 @@ def make_tiny(directory: Path, seed: int, profile: str) -> None:
     Example:
       joycap-queue model make-tiny ./tiny-model && JOYCAP_MODEL=./tiny-model joycap-queue worker
     """
-    from worker.tiny import build_tiny_model
+    from worker.model.tiny import build_tiny_model
 
     out = build_tiny_model(directory, seed=seed, profile=profile)
     click.echo(str(Path(out).resolve()))
@@ -70,7 +70,7 @@ def merge_lora(base: str, adapter: Path, out: Path, dtype: str) -> None:
     if out.exists() and any(out.iterdir()):
         raise JoycapError(f"{out} is not empty: give a new folder for the merged checkpoint")
     from worker.backends.base import ModelLoadError
-    from worker.lora import merge_lora as merge
+    from worker.model.lora import merge_lora as merge
 
     click.echo(f"merging {adapter} into {base} ...", err=True)
     try:

@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 
-from joycap_queue import prompts
+from joycap_queue.captions import prompts
+from joycap_queue.captions.request import normalize_model
 from joycap_queue.config import Settings, is_tiny_model, settings_with
-from joycap_queue.request import normalize_model
 
 F = TypeVar("F", bound=Callable[..., Any])
 

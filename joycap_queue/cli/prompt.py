@@ -6,14 +6,14 @@ from typing import Any
 
 import click
 
-from joycap_queue import prompts
+from joycap_queue.captions import prompts
+from joycap_queue.captions.request import build_request, profile_of
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
     caption_options,
     model_options,
 )
-from joycap_queue.request import build_request, profile_of
 
 
 @click.command(cls=ExtraGreedyCommand)

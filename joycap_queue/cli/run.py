@@ -17,7 +17,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from joycap_queue import db
+from joycap_queue.captions.request import build_requests
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     bad_setting,
@@ -33,11 +33,11 @@ from joycap_queue.cli.options import (
 from joycap_queue.cli.output import printable, progress
 from joycap_queue.config import Settings, get_settings, settings_environment
 from joycap_queue.errors import JoycapError, first_line
-from joycap_queue.images import ImageError, discover, hash_file, open_image_rgb
-from joycap_queue.liveness import WorkerHeartbeat
-from joycap_queue.queue import make_celery, model_queue, ping_broker
-from joycap_queue.request import build_requests
-from joycap_queue.requeue import requeue_lost
+from joycap_queue.intake.images import ImageError, discover, hash_file, open_image_rgb
+from joycap_queue.messaging.app import make_celery, model_queue, ping_broker
+from joycap_queue.recovery.liveness import WorkerHeartbeat
+from joycap_queue.recovery.requeue import requeue_lost
+from joycap_queue.store import engines
 
 
 def export_settings(settings: Settings) -> None:
@@ -232,7 +232,7 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
         # 2 threads on 2 cores ran the tiny model's queue at 0.6x the speed of 1 thread).
         settings = settings.model_copy(update={"torch_threads": max(1, (os.cpu_count() or 2) - 1)})
     tiny_model_notice(settings.model)
-    db.get_engine(settings.effective_database_url)
+    engines.get_engine(settings.effective_database_url)
     ping_broker(make_celery(settings))
     # Redis may have lost messages while no worker ran: the database says what is still owed.
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -338,8 +338,8 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
     requests = build_requests(settings, params)
     request = requests[0]  # what the prompts share: profile, generation, prepend, append
     tiny_model_notice(settings.model)
-    from joycap_queue.prompts import system_prompt
-    from worker.captioner import CaptionInput, GenerationParams
+    from joycap_queue.captions.prompts import system_prompt
+    from worker.model.captioner import CaptionInput, GenerationParams
 
     captioner = load_captioner(settings)
     caption_batch = _batch_captioner(settings, captioner)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
+from joycap_queue.captions.request import build_requests
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
@@ -22,12 +23,11 @@ from joycap_queue.cli.options import (
 )
 from joycap_queue.cli.output import echo_rejections, progress
 from joycap_queue.errors import ServiceUnavailable
-from joycap_queue.images import Discovered
-from joycap_queue.intake import EnqueueSummary, enqueue_images
+from joycap_queue.intake.enqueue import EnqueueSummary, enqueue_images
+from joycap_queue.intake.images import Discovered
+from joycap_queue.intake.watch.config import output_options as output_options_for
 from joycap_queue.outages import outage, outage_line
-from joycap_queue.request import build_requests
-from joycap_queue.requeue import requeue_lost
-from joycap_queue.watchconfig import output_options as output_options_for
+from joycap_queue.recovery.requeue import requeue_lost
 
 
 @click.command(cls=ExtraGreedyCommand)

@@ -20,8 +20,8 @@ from joycap_queue.cli.options import (
     tiny_model_notice,
     variant_options,
 )
-from joycap_queue.watchconfig import WatchConfig, inbox_config, load_watch_config
-from joycap_queue.watcher import FolderWatcher
+from joycap_queue.intake.watch.config import WatchConfig, inbox_config, load_watch_config
+from joycap_queue.intake.watch.watcher import FolderWatcher
 
 
 @click.command(cls=ExtraGreedyCommand)

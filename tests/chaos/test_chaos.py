@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from joycap_queue.services import start_redis
-from joycap_queue.sidecars import sidecar_path
+from joycap_queue.ops.services import start_redis
+from joycap_queue.results.sidecars import sidecar_path
 from tests.conftest import Service, Worker, wait_until
-from tests.test_bad_images import make_odd_images
-from tests.test_pipeline import jobs_in
+from tests.intake.test_bad_images import make_odd_images
+from tests.pipeline.test_pipeline import jobs_in
 
 GOOD = 200
 
@@ -59,7 +59,7 @@ def test_chaos(
 
         must_fail, odd_good = make_odd_images(tmp_path / "odd")
         # Files changed after submit need a worker that has not got to them yet: they are
-        # tests/test_bad_images.py's, not this busy run's.
+        # tests/intake/test_bad_images.py's, not this busy run's.
         for name in ("deleted-after-submit.png", "replaced-after-submit.png"):
             (tmp_path / "odd" / name).unlink()
             del must_fail[name]

@@ -33,7 +33,7 @@ BACKENDS = ("transformers", "vllm", "openai", "null")
 def make_backend(settings: Settings) -> Backend:
     """The backend ``settings.backend`` names, configured but not loaded."""
     if settings.backend == "transformers":
-        from worker.captioner import Captioner
+        from worker.model.captioner import Captioner
 
         return Captioner(
             settings.model,

@@ -94,7 +94,7 @@ class VllmBackend(Backend):
                 ) from None
             from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-            from worker.captioner import source_folder
+            from worker.model.captioner import source_folder
 
             started = time.monotonic()
             source = source_folder(self.model_id)

@@ -1,0 +1,1 @@
+"""Hugging Face datasets as a source of jobs."""

@@ -1,0 +1,1 @@
+"""Running the service: job control, local Redis, child supervision, Flower and `up`, the demo."""

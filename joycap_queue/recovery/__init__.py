@@ -1,0 +1,1 @@
+"""Putting things right after a crash: heartbeats, rescuing dead workers' jobs, resending lost messages."""

@@ -1,0 +1,1 @@
+"""What finished jobs give back: sidecar files beside images, and exports."""

@@ -1,0 +1,1 @@
+"""The database: tables, engines and schema, the job state machine, queries, leases, search."""

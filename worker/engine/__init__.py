@@ -1,0 +1,1 @@
+"""The continuous-batching engine: the slot KV cache, prefill and decode, sampling, CUDA graphs."""
