@@ -22,6 +22,7 @@ from PIL import Image
 from sqlmodel import Session, func, select
 
 from bench.common import print_table, record
+from joycap_queue.captions.request import RequestOptions
 from joycap_queue.config import Settings
 from joycap_queue.intake.watch.config import inbox_config
 from joycap_queue.intake.watch.watcher import FolderWatcher
@@ -66,7 +67,7 @@ def run_mode(work: Path, broker_url: str, *, polling: bool) -> dict[str, float]:
         inbox = work / f"{mode}-{phase}"
         inbox.mkdir()
         config = inbox_config(
-            inbox, settings, {"caption_type": "Descriptive", "length": "long", "sidecar": ("none",)}
+            inbox, settings, RequestOptions(caption_type="Descriptive", length="long", sidecar=("none",))
         )
         watcher = FolderWatcher(
             [config], settings, settle_seconds=SETTLE_S, polling=polling, polling_interval=POLL_S

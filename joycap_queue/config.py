@@ -199,7 +199,7 @@ ChildRole = Literal["worker", "flower"]
 
 def _withheld(settings: Settings, role: ChildRole) -> set[str]:
     """The settings a child in this role has no use for, secrets above all."""
-    # Flower's password reaches Flower as FLOWER_BASIC_AUTH (deploy.flower_environment), never
+    # Flower's password reaches Flower as FLOWER_BASIC_AUTH (ops.flower.flower_environment), never
     # as a setting, and no worker needs it.
     names = {"flower_user", "flower_password"}
     if role == "flower":

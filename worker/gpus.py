@@ -1,8 +1,8 @@
 """`joycap-queue worker --gpus all|0,1,3`: one worker process per GPU, each with its own model.
 
 This parent only supervises. It imports no torch and makes no CUDA call (it counts GPUs with
-``nvidia-smi``), and its children are fresh interpreters started with ``subprocess``, not forks,
-so none of them inherits CUDA state. Each child sees one GPU through ``CUDA_VISIBLE_DEVICES``
+``joycap_queue.ops.gpus``, through ``nvidia-smi``), and its children are fresh interpreters
+started with ``subprocess``, not forks, so none of them inherits CUDA state. Each child sees one GPU through ``CUDA_VISIBLE_DEVICES``
 and is a plain `joycap-queue worker` named ``gpuN@host``; every other setting reaches it
 through the ``JOYCAP_*`` environment the parent exported.
 """
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
+from joycap_queue.ops.gpus import visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -31,40 +30,6 @@ log = logging.getLogger(__name__)
 HEALTHY_AFTER_S = 60.0
 POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
-
-
-def visible_gpus(
-    environ: Mapping[str, str] | None = None,
-    *,
-    nvidia_smi: str | None = "nvidia-smi",
-    proc_dir: Path = Path("/proc/driver/nvidia/gpus"),
-) -> list[str]:
-    """The GPUs this process may use, without touching CUDA: ``CUDA_VISIBLE_DEVICES``, else
-    ``nvidia-smi``, else the driver's ``/proc`` entries; empty when there is none."""
-    environ = os.environ if environ is None else environ
-    if "CUDA_VISIBLE_DEVICES" in environ:
-        return [
-            gpu for gpu in environ["CUDA_VISIBLE_DEVICES"].replace(" ", "").split(",") if gpu and gpu != "-1"
-        ]
-    found = shutil.which(nvidia_smi) if nvidia_smi else None
-    if found:
-        try:
-            listed = subprocess.run(
-                [found, "--query-gpu=index", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            listed = ""
-        indices = [line.strip() for line in listed.splitlines() if line.strip().isdigit()]
-        if indices:
-            return indices
-    try:
-        return [str(i) for i in range(sum(1 for _ in proc_dir.iterdir()))]
-    except OSError:
-        return []
 
 
 def resolve_gpus(spec: str, environ: Mapping[str, str] | None = None) -> list[str]:

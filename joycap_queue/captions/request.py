@@ -1,8 +1,9 @@
 """`CaptionRequest`: everything that decides a caption apart from the image, built from options.
 
 The CLI, the watch-folder config and the dataset importer all build their requests through
-`build_requests` (one request per prompt: --prompt is repeatable, and a prompt file in mode
-"all" gives every prompt to every image), so one option means the same thing everywhere.
+`build_requests` from a `RequestOptions` (one request per prompt: --prompt is repeatable, and a
+prompt file in mode "all" gives every prompt to every image), so one option means the same thing
+everywhere. `request_columns` is what a request puts in a job row, for intake and retry alike.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,52 @@ from joycap_queue.captions.quality import CleanupRules
 from joycap_queue.config import Settings, tiny_model_info
 from joycap_queue.errors import OptionError
 from joycap_queue.results.sidecars import OutputOptions
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """The caption and output options of one command or inbox, named as the CLI names them.
+
+    What they become depends on the settings (the profile follows the model), so they are
+    resolved into CaptionRequests by `build_requests`; `outputs`, when set, are the sidecar and
+    move options already resolved against a folder (`intake.watch.config.output_options`).
+    """
+
+    caption_type: str = prompts.DEFAULT_CAPTION_TYPE
+    length: str = prompts.DEFAULT_LENGTH
+    extra: tuple[str, ...] = ()
+    name: str | None = None
+    custom_prompt: tuple[str, ...] = ()
+    prompt_file: Path | None = None
+    prepend: str = ""
+    append: str = ""
+    strip_lead_in: bool = False
+    drop_sentences: tuple[str, ...] = ()
+    dedupe_tags: bool = False
+    sidecar: tuple[str, ...] | None = None
+    sidecar_mode: str = "skip"
+    skip_flagged_sidecars: bool = False
+    move: bool = False
+    done_dir: str | None = None
+    failed_dir: str | None = None
+    outputs: OutputOptions | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> RequestOptions:
+        """From option values named like the CLI's (click's keyword arguments, a TOML table);
+        names that are not request options (--broker-url …) are left to the settings."""
+        values = {f.name: params[f.name] for f in fields(cls) if params.get(f.name) is not None}
+        for name in ("extra", "drop_sentences"):
+            if name in values:
+                values[name] = tuple(str(item) for item in values[name])
+        for name in ("custom_prompt", "sidecar"):
+            if name in values:
+                value = values[name]
+                values[name] = (value,) if isinstance(value, str) else tuple(value)
+        for name in ("strip_lead_in", "dedupe_tags", "skip_flagged_sidecars", "move"):
+            if name in values:
+                values[name] = bool(values[name])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -126,27 +173,27 @@ def custom_prompts(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(text.strip() for text in values))
 
 
-def build_requests(settings: Settings, params: dict[str, Any]) -> list[CaptionRequest]:
+def build_requests(settings: Settings, options: RequestOptions) -> list[CaptionRequest]:
     """One CaptionRequest per prompt, in the order given; OptionError names the bad option.
 
     Several --prompt values, or a prompt file in mode "all", give several requests (one job per
     image and prompt); anything else gives one.
     """
-    texts = custom_prompts(params.get("custom_prompt"))
+    texts = custom_prompts(options.custom_prompt)
     prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
-    if params.get("prompt_file") is not None:
+    if options.prompt_file is not None:
         if texts:
             raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
-        parsed = prompts.read_prompt_file(params["prompt_file"])
+        parsed = prompts.read_prompt_file(options.prompt_file)
         if parsed.mode == "all":
             texts = tuple(item.prompt for item in parsed.prompts)
         else:
             prompt_file = parsed.prompts
-    outputs: OutputOptions = params.get("outputs") or OutputOptions()
+    outputs = options.outputs or OutputOptions()
     if len(texts) > 1 and (outputs.done_dir or outputs.failed_dir):
         # The first caption to finish would move the image away from the jobs of the other prompts.
         raise OptionError("move", f"--move takes one prompt per image, not {len(texts)}")
-    base = _build_request(settings, params, texts[0] if texts else None, prompt_file)
+    base = _build_request(settings, options, texts[0] if texts else None, prompt_file)
     if len(texts) <= 1:
         return [base]
     return [
@@ -155,9 +202,9 @@ def build_requests(settings: Settings, params: dict[str, Any]) -> list[CaptionRe
     ]
 
 
-def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
+def build_request(settings: Settings, options: RequestOptions) -> CaptionRequest:
     """The one CaptionRequest for a command that takes one prompt (see `build_requests`)."""
-    requests = build_requests(settings, params)
+    requests = build_requests(settings, options)
     if len(requests) > 1:
         raise OptionError("prompt", f"this takes one prompt, not {len(requests)}")
     return requests[0]
@@ -165,16 +212,16 @@ def build_request(settings: Settings, params: dict[str, Any]) -> CaptionRequest:
 
 def _build_request(
     settings: Settings,
-    params: dict[str, Any],
+    given: RequestOptions,
     custom_prompt: str | None,
     prompt_file: tuple[prompts.WeightedPrompt, ...],
 ) -> CaptionRequest:
     profile = profile_of(settings)
     options = prompts.CaptionOptions(
-        caption_type=prompts.resolve_caption_type(profile, params["caption_type"]),
-        length=prompts.resolve_length(params["length"]),
-        extra=prompts.resolve_extra(profile, params.get("extra") or ()),
-        name=params.get("name"),
+        caption_type=prompts.resolve_caption_type(profile, given.caption_type),
+        length=prompts.resolve_length(given.length),
+        extra=prompts.resolve_extra(profile, given.extra),
+        name=given.name,
         custom_prompt=custom_prompt,
     )
     if not prompt_file:
@@ -182,9 +229,9 @@ def _build_request(
     spec = spec_of(settings.model, settings.quantize, settings.lora)
     try:
         cleanup = CleanupRules(
-            strip_lead_in=bool(params.get("strip_lead_in")),
-            drop_sentences=tuple(params.get("drop_sentences") or ()),
-            dedupe_tags=bool(params.get("dedupe_tags")),
+            strip_lead_in=given.strip_lead_in,
+            drop_sentences=given.drop_sentences,
+            dedupe_tags=given.dedupe_tags,
         )
     except ValueError as exc:
         raise OptionError("drop_sentences", str(exc)) from None
@@ -198,7 +245,32 @@ def _build_request(
         options=options,
         prompt_file=prompt_file,
         gen_params=generation_params(settings),
-        prepend=params.get("prepend") or "",
-        append=params.get("append") or "",
-        outputs=params.get("outputs") or OutputOptions(),
+        prepend=given.prepend,
+        append=given.append,
+        outputs=given.outputs or OutputOptions(),
     )
+
+
+def request_columns(request: CaptionRequest) -> dict[str, Any]:
+    """The job row's columns that come from the request, not from the image (nor its prompt,
+    which a prompt file draws per image): intake writes them, and so does a retry that changes it.
+    """
+    options = request.options
+    # A custom prompt (or a drawn one) is stored as the prompt alone, without the options it replaced.
+    custom = bool((options.custom_prompt or "").strip()) or bool(request.prompt_file)
+    return {
+        "profile": request.profile,
+        "caption_type": None if custom else options.caption_type,
+        "caption_length": None if custom else options.length,
+        "extra_options": json.dumps([] if custom else list(options.extra)),
+        "name": options.name,
+        "model": request.model,
+        "quantize": request.quantize,
+        "adapter": request.adapter,
+        "adapter_hash": request.adapter_hash,
+        "cleanup": request.cleanup.to_json(),
+        "gen_params": json.dumps(request.gen_params, sort_keys=True),
+        "prepend": request.prepend,
+        "append": request.append,
+        "outputs": request.outputs.to_json(),
+    }

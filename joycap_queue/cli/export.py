@@ -13,12 +13,10 @@ import click
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
-    caption_options,
     connection_options,
-    generation_options,
-    model_options,
+    request_of,
+    request_options,
     tiny_model_notice,
-    variant_options,
 )
 from joycap_queue.cli.output import echo_rejections, printable, progress
 from joycap_queue.errors import OptionError, ServiceUnavailable
@@ -316,10 +314,7 @@ def _write_text(
     help="Where the images are written for the workers; shared by all machines [default: DATA_DIR/images].",
 )
 @click.option("--force", is_flag=True, help="Queue again rows that already have a caption.")
-@caption_options
-@generation_options
-@model_options
-@variant_options
+@request_options
 @connection_options
 def submit_dataset(
     source: str,
@@ -359,7 +354,7 @@ def submit_dataset(
         summary = run_submit(
             resolved,
             settings,
-            params,
+            request_of(params),
             split=split,
             image_column=image_column,
             id_column=id_column,

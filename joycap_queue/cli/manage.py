@@ -14,11 +14,9 @@ from joycap_queue.cli.options import (
     GENERATION_SETTINGS,
     ExtraGreedyCommand,
     build_settings,
-    caption_options,
     connection_options,
-    generation_options,
-    model_options,
-    variant_options,
+    request_of,
+    request_options,
 )
 from joycap_queue.errors import OptionError
 from joycap_queue.ops.jobcontrol import (
@@ -47,17 +45,18 @@ def selection_options(func: Any) -> Any:
 def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
     """The options given on the command line; defaults and environment variables change nothing."""
     ctx = click.get_current_context()
+    options = request_of(params)
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
-    custom_prompts = custom_prompts_of(params["custom_prompt"]) if given("custom_prompt") else ()
+    custom_prompts = custom_prompts_of(options.custom_prompt) if given("custom_prompt") else ()
     if len(custom_prompts) > 1:
         # A job is rebuilt in place, so it keeps one prompt: new prompts are a new `submit`.
         raise click.UsageError("retry takes one --prompt: it rebuilds each job in place, one prompt per job")
     prompt_file: tuple[prompts.WeightedPrompt, ...] = ()
-    if given("prompt_file"):
-        parsed = prompts.read_prompt_file(params["prompt_file"])
+    if given("prompt_file") and options.prompt_file is not None:
+        parsed = prompts.read_prompt_file(options.prompt_file)
         if parsed.mode == "all" and len(parsed.prompts) > 1:
             raise click.UsageError(
                 'retry takes a prompt file in mode "draw": it rebuilds each job in place, one prompt per job'
@@ -66,14 +65,14 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
     if given("custom_prompt") and prompt_file:
         raise OptionError("prompt_file", "give either --prompt or --prompt-file, not both")
     return RequestChanges(
-        caption_type=params["caption_type"] if given("caption_type") else None,
-        length=params["length"] if given("length") else None,
-        extra=tuple(params["extra"]) if given("extra") else None,
-        name=params["name"] if given("name") else None,
+        caption_type=options.caption_type if given("caption_type") else None,
+        length=options.length if given("length") else None,
+        extra=options.extra if given("extra") else None,
+        name=options.name if given("name") else None,
         custom_prompt=custom_prompts[0] if custom_prompts else None,
         prompt_file=prompt_file,
-        prepend=params["prepend"] if given("prepend") else None,
-        append=params["append"] if given("append") else None,
+        prepend=options.prepend if given("prepend") else None,
+        append=options.append if given("append") else None,
         model=settings.model if given("model") else None,
         profile=settings.profile if given("profile") else None,
         generation={name: getattr(settings, name) for name in GENERATION_SETTINGS if given(name)},
@@ -96,10 +95,7 @@ def _changes(params: dict[str, Any], settings: Any) -> RequestChanges:
     type=click.Choice([choice for choice in QUALITY_CHOICES if choice != "ok"]),
     help="Caption again the done jobs whose caption the quality guard flagged (with this flag).",
 )
-@caption_options
-@generation_options
-@model_options
-@variant_options
+@request_options
 @connection_options
 def retry(
     submission_ids: tuple[int, ...],

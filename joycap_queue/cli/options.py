@@ -1,8 +1,8 @@
-"""Options shared by several commands, and turning them into Settings and a CaptionRequest."""
+"""Options shared by several commands, and turning click's values into Settings and RequestOptions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -10,7 +10,7 @@ import click
 from pydantic import ValidationError
 
 from joycap_queue.captions import prompts
-from joycap_queue.captions.request import normalize_model
+from joycap_queue.captions.request import RequestOptions, normalize_model
 from joycap_queue.config import Settings, is_tiny_model, settings_with
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,20 +26,20 @@ def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
     return func
 
 
+def _setting(flag: str, **attrs: Any) -> Callable[[F], F]:
+    """An option for a setting: it also takes the setting's JOYCAP_ variable, shown in --help."""
+    attrs.setdefault("envvar", "JOYCAP_" + flag.removeprefix("--").replace("-", "_").upper())
+    attrs.setdefault("show_envvar", True)
+    return click.option(flag, **attrs)
+
+
 def connection_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option(
-                "--broker-url",
-                envvar="JOYCAP_BROKER_URL",
-                show_envvar=True,
-                help="Redis URL of the queue [default: redis://127.0.0.1:6379/0].",
-            ),
-            click.option(
+            _setting("--broker-url", help="Redis URL of the queue [default: redis://127.0.0.1:6379/0]."),
+            _setting(
                 "--database-url",
-                envvar="JOYCAP_DATABASE_URL",
-                show_envvar=True,
                 help="SQLAlchemy URL of the results database [default: SQLite file in the data dir].",
             ),
         ],
@@ -50,17 +50,13 @@ def model_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option(
+            _setting(
                 "--model",
-                envvar="JOYCAP_MODEL",
-                show_envvar=True,
                 help="Hugging Face id or local folder of a JoyCaption LLaVA checkpoint "
                 "[default: fancyfeast/llama-joycaption-beta-one-hf-llava].",
             ),
-            click.option(
+            _setting(
                 "--profile",
-                envvar="JOYCAP_PROFILE",
-                show_envvar=True,
                 type=click.Choice(prompts.PROFILES),
                 help="Prompt vocabulary [default: follows the model: alpha-two for an alpha checkpoint].",
             ),
@@ -73,18 +69,14 @@ def variant_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option(
+            _setting(
                 "--quantize",
-                envvar="JOYCAP_QUANTIZE",
-                show_envvar=True,
                 type=click.Choice(["none", "8bit", "nf4"]),
                 help="Load the language model in 8 or 4 bits (bitsandbytes) to fit a 12-16 GB card; the "
                 "vision tower, projector and lm_head stay unquantized [default: none].",
             ),
-            click.option(
+            _setting(
                 "--lora",
-                envvar="JOYCAP_LORA",
-                show_envvar=True,
                 help="A LoRA adapter folder (peft, as upstream's finetuning/train.py saves it) applied "
                 "over --model [default: none].",
             ),
@@ -96,13 +88,9 @@ def device_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option(
-                "--device", envvar="JOYCAP_DEVICE", show_envvar=True, help="auto, cpu, cuda, cuda:1 …"
-            ),
-            click.option(
+            _setting("--device", help="auto, cpu, cuda, cuda:1 …"),
+            _setting(
                 "--dtype",
-                envvar="JOYCAP_DTYPE",
-                show_envvar=True,
                 type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                 help="Model dtype [default: bfloat16 on CUDA, float32 on CPU].",
             ),
@@ -212,27 +200,45 @@ def generation_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option("--temperature", type=float, envvar="JOYCAP_TEMPERATURE", help="[default: 0.6]"),
-            click.option(
-                "--top-p", type=str, envvar="JOYCAP_TOP_P", help="[default: 0.9; 'none' turns it off]"
-            ),
-            click.option("--top-k", type=str, envvar="JOYCAP_TOP_K", help="[default: off]"),
-            click.option("--max-new-tokens", type=int, envvar="JOYCAP_MAX_NEW_TOKENS", help="[default: 256]"),
-            click.option(
+            _setting("--temperature", type=float, show_envvar=False, help="[default: 0.6]"),
+            _setting("--top-p", type=str, show_envvar=False, help="[default: 0.9; 'none' turns it off]"),
+            _setting("--top-k", type=str, show_envvar=False, help="[default: off]"),
+            _setting("--max-new-tokens", type=int, show_envvar=False, help="[default: 256]"),
+            _setting(
                 "--greedy/--sample",
                 default=None,
                 envvar="JOYCAP_GREEDY",
+                show_envvar=False,
                 help="Greedy decoding [default: sample].",
             ),
-            click.option(
+            _setting(
                 "--seed",
                 type=click.IntRange(min=0),
-                envvar="JOYCAP_SEED",
+                show_envvar=False,
                 help="Sample repeatably: the same image and seed give the same caption, whatever else "
                 "is in flight (continuous engine) [default: a fresh draw per caption].",
             ),
         ],
     )
+
+
+def request_options(func: F) -> F:
+    """Everything that decides a caption: caption, generation, model and variant options."""
+    return _apply(func, [caption_options, generation_options, model_options, variant_options])
+
+
+def intake_options(default_sidecar: tuple[str, ...]) -> Callable[[F], F]:
+    """What queueing images takes: where the outputs go, the request, and the connections."""
+
+    def decorate(func: F) -> F:
+        return _apply(func, [output_options(default_sidecar), request_options, connection_options])
+
+    return decorate
+
+
+def request_of(params: Mapping[str, Any]) -> RequestOptions:
+    """The command's caption and output options, typed, from click's keyword arguments."""
+    return RequestOptions.from_params(params)
 
 
 def bad_setting(exc: ValidationError) -> click.BadParameter:
@@ -243,7 +249,7 @@ def bad_setting(exc: ValidationError) -> click.BadParameter:
     return click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'")
 
 
-def build_settings(params: dict[str, Any]) -> Settings:
+def build_settings(params: Mapping[str, Any]) -> Settings:
     """Settings from the environment with the command's options on top; one clear line if invalid."""
     names = (
         *CONNECTION_SETTINGS,

@@ -13,6 +13,7 @@ from joycap_queue.cli.options import (
     build_settings,
     caption_options,
     model_options,
+    request_of,
 )
 
 
@@ -41,7 +42,7 @@ def prompt(show_list: bool, show_system: bool, **params: Any) -> None:
         for index, key, text in prompts.describe_extra_options(profile):
             click.echo(f"  {index:>2}  {key:<20} {text}")
         return
-    request = build_request(settings, params)
+    request = build_request(settings, request_of(params))
     if show_system:
         click.echo(f"system: {prompts.system_prompt(profile)}")
     if request.prompt_file:

@@ -1,16 +1,12 @@
 """Commands that run the model: `worker` and `caption`.
 
-They import the heavy side (torch, transformers) inside the command, so the rest of the CLI
-starts without it.
+They parse their options and call worker/bootstrap.py, imported inside the command, so the rest
+of the CLI starts without the heavy side (torch, transformers).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,55 +18,18 @@ from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     bad_setting,
     build_settings,
-    caption_options,
     connection_options,
     device_options,
-    generation_options,
     model_options,
+    request_of,
+    request_options,
     tiny_model_notice,
     variant_options,
 )
 from joycap_queue.cli.output import printable, progress
-from joycap_queue.config import Settings, get_settings, settings_environment
-from joycap_queue.errors import JoycapError, first_line
-from joycap_queue.intake.images import ImageError, discover, hash_file, open_image_rgb
-from joycap_queue.messaging.app import make_celery, model_queue, ping_broker
-from joycap_queue.recovery.liveness import WorkerHeartbeat
-from joycap_queue.recovery.requeue import requeue_lost
-from joycap_queue.store import engines
-
-
-def export_settings(settings: Settings) -> None:
-    """Put the resolved settings in the environment, where the worker's modules read them."""
-    environment = settings_environment(settings)
-    for name in Settings.model_fields:
-        os.environ.pop(f"JOYCAP_{name.upper()}", None)
-    # A secret travels to this process's modules and children only, never to any output.
-    os.environ.update(environment)
-    get_settings.cache_clear()
-
-
-def load_captioner(settings: Settings) -> Any:
-    from worker.backends import ModelLoadError
-    from worker.runtime import get_captioner
-
-    try:
-        return get_captioner(settings)
-    except ModelLoadError as exc:
-        raise JoycapError(str(exc)) from None
-
-
-def load_stream(settings: Settings) -> Any:
-    """The worker's stream over its loaded model, started; a model that will not load or a KV
-    cache that does not fit (MemoryError: lower JOYCAP_KV_MEMORY_FRACTION) is one line."""
-    from worker.backends import ModelLoadError
-    from worker.runtime import get_batcher
-
-    try:
-        return get_batcher(settings)
-    except (ModelLoadError, MemoryError) as exc:
-        raise JoycapError(str(exc)) from None
-
+from joycap_queue.config import Settings
+from joycap_queue.errors import JoycapError
+from joycap_queue.intake.images import discover
 
 WORKER_SETTINGS = (
     "backend",
@@ -84,7 +43,6 @@ WORKER_SETTINGS = (
     "idle_unload_s",
     "quality_retries",
 )
-GENERATE_SWITCH_INTERVAL_S = 0.0005
 
 
 def with_worker_options(settings: Settings, params: dict[str, Any]) -> Settings:
@@ -225,83 +183,18 @@ def worker(hostname: str | None, loglevel: str, **params: Any) -> None:
       joycap-queue worker --quantize nf4 --lora ./my-lora --idle-unload-s 600
       joycap-queue worker --backend openai --openai-url http://127.0.0.1:8000/v1 -c 32
     """
-    settings = with_worker_options(build_settings(params), params)
-    if not settings.torch_threads:
-        # The generate thread gets all cores but one: on a CPU, torch's spinning intra-op threads
-        # on every core starve the task threads that decode and prepare the next batch (measured:
-        # 2 threads on 2 cores ran the tiny model's queue at 0.6x the speed of 1 thread).
-        settings = settings.model_copy(update={"torch_threads": max(1, (os.cpu_count() or 2) - 1)})
-    tiny_model_notice(settings.model)
-    engines.get_engine(settings.effective_database_url)
-    ping_broker(make_celery(settings))
-    # Redis may have lost messages while no worker ran: the database says what is still owed.
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    requeue_lost(settings)
-    export_settings(settings)
-    if settings.gpus:
-        # This process only supervises: it never imports torch, so no CUDA state can leak into
-        # the children, which are fresh interpreters (spawned, not forked).
-        from worker.gpus import run_per_gpu
+    from worker import bootstrap
 
-        raise SystemExit(run_per_gpu(settings, hostname=hostname, loglevel=loglevel))
+    settings = bootstrap.with_default_threads(with_worker_options(build_settings(params), params))
+    tiny_model_notice(settings.model)
+    bootstrap.prepare_worker(settings, loglevel)
+    if settings.gpus:
+        raise SystemExit(bootstrap.run_per_gpu(settings, hostname=hostname, loglevel=loglevel))
     if settings.backend == "null":
         warning = "warning: null backend: no model runs, every caption is a fixed placeholder"
         click.secho(f"{warning} (for measuring the queue's own cost)", fg="yellow", err=True)
-    from worker.runtime import install_shutdown_grace
-    from worker.transport import install_redis_shortcuts
-
-    stream = load_stream(settings)
-    # Celery's threads pool enforces no time limit: the stream does (a late caption fails; a
-    # model call far past it ends the process, and the others take its jobs).
-    stream.enforce_time_limit(settings.task_time_limit_s)
-    # -b auto is resolved now, by the engine's memory arithmetic: size the thread pool from it.
-    settings = settings.model_copy(update={"batch_size": stream.max_batch_size})
-    install_shutdown_grace(settings.shutdown_grace_s)
-    install_redis_shortcuts()
-    # The model thread must get the GIL back at once after each torch op: at the default 5 ms,
-    # task threads holding it slowed each batch by about 12% (bench/batching.py, tiny model).
-    sys.setswitchinterval(GENERATE_SWITCH_INTERVAL_S)
-    click.echo(
-        f"model {settings.model} loaded: {stream.describe()}, {settings.effective_concurrency} jobs in flight",
-        err=True,
-    )
-    from celery.signals import celeryd_after_setup
-
-    from worker.app import app
-    from worker.idle import model_info_step, model_state
-
-    app.steps["worker"].add(model_info_step(stream))
-    heartbeats: list[WorkerHeartbeat] = []
-
-    def register(sender: str, **_: Any) -> None:
-        # Under the node name Celery settled on (%h expanded): the name its jobs are claimed by.
-        heartbeats.append(WorkerHeartbeat(settings, sender, state=lambda: model_state(stream)).start())
-
-    celeryd_after_setup.connect(register, weak=False)
-    try:
-        _run_celery_worker(app, settings, stream.serving_key, hostname, loglevel)
-    finally:
-        for heartbeat in heartbeats:
-            heartbeat.stop()
-
-
-def _run_celery_worker(
-    app: Any, settings: Settings, serving: str, hostname: str | None, loglevel: str
-) -> None:
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.effective_concurrency}",
-            # Its model's queue (model, quantization and adapter: ModelSpec.key), and the shared
-            # one (messages sent before jobs were routed by model).
-            f"--queues={model_queue(settings.queue, serving)},{settings.queue}",
-            f"--hostname={hostname or 'joycap@' + socket.gethostname()}",
-            f"--loglevel={loglevel}",
-            "--task-events",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+    bootstrap.run_worker(
+        settings, hostname=hostname, loglevel=loglevel, say=lambda line: click.echo(line, err=True)
     )
 
 
@@ -318,10 +211,7 @@ def _run_celery_worker(
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @engine_option
-@caption_options
-@generation_options
-@model_options
-@variant_options
+@request_options
 @device_options
 def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: Any) -> None:
     """Caption images right here, without the queue or the database (upstream's example as a command).
@@ -335,66 +225,34 @@ def caption(images: tuple[Path, ...], batch_size: int, as_json: bool, **params: 
     """
     # One command, one run: idle unload is the worker's alone.
     settings = with_worker_options(build_settings(params), params).model_copy(update={"idle_unload_s": 0})
-    requests = build_requests(settings, params)
-    request = requests[0]  # what the prompts share: profile, generation, prepend, append
+    requests = build_requests(settings, request_of(params))
     tiny_model_notice(settings.model)
-    from joycap_queue.captions.prompts import system_prompt
-    from worker.model.captioner import CaptionInput, GenerationParams
+    from worker.bootstrap import LocalCaptioner
 
-    captioner = load_captioner(settings)
-    caption_batch = _batch_captioner(settings, captioner)
-    if settings.uses_engine:
-        batch_size = max(batch_size, settings.batch_size or 16)
-    gen = GenerationParams(**request.gen_params)
+    captioner = LocalCaptioner(settings, requests)
+    batch_size = captioner.batch_size(batch_size)
     files = [found.path for found in discover(images) if found.is_image]
     failures = 0
+
+    def unreadable(path: Path, exc: Exception) -> None:
+        nonlocal failures
+        failures += 1
+        click.echo(f"\n{path}: {exc}", err=True)
+
     with progress(len(files), "captioning") as bar:
-        for start in range(0, len(files), batch_size):
-            inputs, names = [], []
-            for path in files[start : start + batch_size]:
-                try:
-                    image = open_image_rgb(path, max_pixels=settings.max_image_pixels)
-                    content_hash, _ = hash_file(path)
-                except (ImageError, OSError) as exc:
-                    failures += 1
-                    click.echo(f"\n{path}: {exc}", err=True)
-                    continue
-                # Every image with every prompt: one caption (one output line) per image and prompt.
-                for number, each in enumerate(requests, start=1):
-                    prompt = each.prompt_for(content_hash)
-                    inputs.append(
-                        CaptionInput(image=image, prompt=prompt, system_prompt=system_prompt(each.profile))
-                    )
-                    names.append((path, number))
-            for (path, number), item, output in zip(names, inputs, caption_batch(inputs, gen), strict=True):
-                text = request.prepend + output.caption + request.append
+        for captioned, taken in captioner.batches(files, batch_size, unreadable=unreadable):
+            for each in captioned:
                 if as_json:
-                    record = {"path": str(path), "prompt": item.prompt, "caption": text}
+                    record = {"path": str(each.path), "prompt": each.prompt, "caption": each.text}
                     click.echo(json.dumps(record, ensure_ascii=False))
                 else:
-                    label = printable(str(path), one_line=True) + (
-                        f" (prompt {number})" if len(requests) > 1 else ""
+                    label = printable(str(each.path), one_line=True) + (
+                        f" (prompt {each.number})" if len(requests) > 1 else ""
                     )
-                    click.echo(f"{label}: {printable(text)}")
-            bar.update(len(files[start : start + batch_size]))
+                    click.echo(f"{label}: {printable(each.text)}")
+            bar.update(taken)
     if failures:
         raise JoycapError(f"{failures} of {len(files)} images could not be read")
-
-
-def _batch_captioner(settings: Settings, captioner: Any) -> Any:
-    """``caption(inputs, params)`` through the worker's own path; a failure is one line."""
-    stream = load_stream(settings) if settings.uses_engine else None
-
-    def caption_batch(inputs: list[Any], params: Any) -> list[Any]:
-        try:
-            if stream is None:
-                return list(captioner.caption(inputs, params))
-            futures = [stream.submit(captioner.prepare(item), params) for item in inputs]
-            return [future.result() for future in futures]
-        except Exception as exc:  # noqa: BLE001 - the model failed: say so, no traceback
-            raise JoycapError(f"captioning failed: {type(exc).__name__}: {first_line(exc)}") from None
-
-    return caption_batch
 
 
 COMMANDS = [worker, caption]

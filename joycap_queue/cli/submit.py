@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,10 @@ from joycap_queue.captions.request import build_requests
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
-    caption_options,
     connection_options,
-    generation_options,
-    model_options,
-    output_options,
+    intake_options,
+    request_of,
     tiny_model_notice,
-    variant_options,
 )
 from joycap_queue.cli.output import echo_rejections, progress
 from joycap_queue.errors import ServiceUnavailable
@@ -34,12 +32,7 @@ from joycap_queue.recovery.requeue import requeue_lost
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
 @click.option("--force", is_flag=True, help="Queue again images that are already done or failed.")
-@output_options(default_sidecar=())
-@caption_options
-@generation_options
-@model_options
-@variant_options
-@connection_options
+@intake_options(default_sidecar=())
 def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any) -> None:
     """Queue caption jobs for image files and folders.
 
@@ -56,16 +49,17 @@ def submit(paths: tuple[Path, ...], recursive: bool, force: bool, **params: Any)
     """
     settings = build_settings(params)
     root = paths[0].resolve() if len(paths) == 1 and paths[0].is_dir() else Path.cwd()
-    params["outputs"] = output_options_for(
+    options = request_of(params)
+    outputs = output_options_for(
         root,
-        sidecar=params.get("sidecar") or (),
-        sidecar_mode=params["sidecar_mode"],
-        move=params["move"],
-        done_dir=params.get("done_dir"),
-        failed_dir=params.get("failed_dir"),
-        skip_flagged=bool(params.get("skip_flagged_sidecars")),
+        sidecar=options.sidecar or (),
+        sidecar_mode=options.sidecar_mode,
+        move=options.move,
+        done_dir=options.done_dir,
+        failed_dir=options.failed_dir,
+        skip_flagged=options.skip_flagged_sidecars,
     )
-    requests = build_requests(settings, params)
+    requests = build_requests(settings, replace(options, outputs=outputs))
     tiny_model_notice(settings.model)
     begun = False
     summaries: list[EnqueueSummary] = []

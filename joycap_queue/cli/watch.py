@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,9 @@ import click
 from joycap_queue.cli.options import (
     ExtraGreedyCommand,
     build_settings,
-    caption_options,
-    connection_options,
-    generation_options,
-    model_options,
-    output_options,
+    intake_options,
+    request_of,
     tiny_model_notice,
-    variant_options,
 )
 from joycap_queue.intake.watch.config import WatchConfig, inbox_config, load_watch_config
 from joycap_queue.intake.watch.watcher import FolderWatcher
@@ -58,12 +55,7 @@ from joycap_queue.intake.watch.watcher import FolderWatcher
     help="A file that does not decode and has not changed for this long is queued anyway, to fail "
     "with its reason (a broken file, not a slow writer) [default: 600].",
 )
-@output_options(default_sidecar=("txt",))
-@caption_options
-@generation_options
-@model_options
-@variant_options
-@connection_options
+@intake_options(default_sidecar=("txt",))
 def watch(
     inboxes: tuple[Path, ...],
     config_path: Path | None,
@@ -91,8 +83,9 @@ def watch(
     settings = build_settings(params)
     tiny_model_notice(settings.model)
     config = load_watch_config(config_path, settings) if config_path else WatchConfig()
-    params["sidecar"] = params.get("sidecar") or ("txt",)
-    config.inboxes.extend(inbox_config(inbox, settings, params) for inbox in inboxes)
+    options = request_of(params)
+    options = replace(options, sidecar=options.sidecar or ("txt",))
+    config.inboxes.extend(inbox_config(inbox, settings, options) for inbox in inboxes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     watcher = FolderWatcher(
         config.inboxes,

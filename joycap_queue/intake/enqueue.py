@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col
 
 from joycap_queue.captions.modelspec import spec_key
-from joycap_queue.captions.request import CaptionRequest, dedup_key
+from joycap_queue.captions.request import CaptionRequest, dedup_key, request_columns
 from joycap_queue.config import Settings
 from joycap_queue.intake.images import (
     Discovered,
@@ -73,25 +73,11 @@ class _RowBuilder:
     def __init__(self, request: CaptionRequest) -> None:
         self.request = request
         options = request.options
-        custom = bool((options.custom_prompt or "").strip()) or bool(request.prompt_file)
         # A prompt file draws per image (seeded by its content); any other prompt is one string.
         draws = bool(request.prompt_file) and not (options.custom_prompt or "").strip()
         self.fixed_prompt = None if draws else request.prompt_for("")
         self.shared: dict[str, Any] = {
-            "profile": request.profile,
-            "caption_type": None if custom else options.caption_type,
-            "caption_length": None if custom else options.length,
-            "extra_options": json.dumps([] if custom else list(options.extra)),
-            "name": options.name,
-            "model": request.model,
-            "quantize": request.quantize,
-            "adapter": request.adapter,
-            "adapter_hash": request.adapter_hash,
-            "cleanup": request.cleanup.to_json(),
-            "gen_params": json.dumps(request.gen_params, sort_keys=True),
-            "prepend": request.prepend,
-            "append": request.append,
-            "outputs": request.outputs.to_json(),
+            **request_columns(request),
             # Every row carries every key: one executemany insert needs the same columns per row.
             "width": None,
             "height": None,

@@ -24,7 +24,13 @@ from sqlmodel import Session, col, select
 from joycap_queue.captions import prompts
 from joycap_queue.captions.modelspec import ModelSpec, spec_key
 from joycap_queue.captions.quality import CleanupRules
-from joycap_queue.captions.request import CaptionRequest, dedup_key, generation_params, profile_of
+from joycap_queue.captions.request import (
+    CaptionRequest,
+    dedup_key,
+    generation_params,
+    profile_of,
+    request_columns,
+)
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError, OptionError
 from joycap_queue.messaging.app import make_celery, send_by_model
@@ -54,6 +60,9 @@ REQUEUED = {
     # start, and a job kept alone would run one at a time and be blamed for any death meanwhile.
     "isolation": 0,
 }
+# A retry rebuilds the job's request from its columns with the changes laid over them; where its
+# images go (sidecars, moves) and how its caption is cleaned up are the job's own and stay.
+KEPT_ON_RETRY = ("outputs", "cleanup")
 
 
 @dataclass(frozen=True)
@@ -235,23 +244,8 @@ def changed_columns(job: Any, changes: RequestChanges, settings: Settings) -> di
         cleanup=CleanupRules.from_json(job.cleanup),
     )
     prompt = request.prompt_for(job.content_hash)
-    custom = bool(options.custom_prompt) or bool(changes.prompt_file)
-    return {
-        "profile": profile,
-        "caption_type": None if custom else options.caption_type,
-        "caption_length": None if custom else options.length,
-        "extra_options": json.dumps([] if custom else list(options.extra)),
-        "name": options.name,
-        "prompt": prompt,
-        "model": model,
-        "quantize": spec.quantize,
-        "adapter": spec.adapter,
-        "adapter_hash": spec.adapter_hash,
-        "gen_params": json.dumps(params, sort_keys=True),
-        "prepend": request.prepend,
-        "append": request.append,
-        "dedup_key": dedup_key(job.content_hash, prompt, request),
-    }
+    columns = {name: value for name, value in request_columns(request).items() if name not in KEPT_ON_RETRY}
+    return {**columns, "prompt": prompt, "dedup_key": dedup_key(job.content_hash, prompt, request)}
 
 
 def retry_jobs(

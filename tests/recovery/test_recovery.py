@@ -10,7 +10,7 @@ import redis
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
-from joycap_queue.captions.request import build_request
+from joycap_queue.captions.request import RequestOptions, build_request
 from joycap_queue.intake.enqueue import _RowBuilder
 from joycap_queue.messaging.app import make_celery, send_caption_jobs
 from joycap_queue.recovery.requeue import job_ids_in_broker
@@ -57,7 +57,7 @@ def test_a_worker_whose_row_was_removed_registers_again_and_keeps_working(
 def commit_without_sending(service: Service, paths: list[Path], *, age: timedelta) -> list[int]:
     """Rows as intake commits them, its send never reached (an interrupt in between)."""
     settings = service.settings()
-    request = build_request(settings, {"caption_type": "Descriptive", "length": "short"})
+    request = build_request(settings, RequestOptions(caption_type="Descriptive", length="short"))
     rows = _RowBuilder(request)
     engine = engines.get_engine(settings.effective_database_url)
     with Session(engine) as session:

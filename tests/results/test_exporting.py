@@ -23,7 +23,7 @@ from PIL import Image
 from sqlalchemy import text
 from sqlmodel import Session
 
-from joycap_queue.captions.request import build_request
+from joycap_queue.captions.request import RequestOptions, build_request
 from joycap_queue.intake.enqueue import enqueue_images
 from joycap_queue.results.export import RECORD_FIELDS
 from joycap_queue.results.sidecars import sidecar_path
@@ -45,7 +45,9 @@ def captioned(
     """Queue the images with these caption options, then store the captions as a worker would."""
     settings = service.settings()
     params = {"caption_type": "Descriptive", "length": "short", **options}
-    summary = enqueue_images(images, build_request(settings, params), settings, recursive=False)
+    summary = enqueue_images(
+        images, build_request(settings, RequestOptions.from_params(params)), settings, recursive=False
+    )
     engine = engines.get_engine(settings.effective_database_url)
     by_path = {}
     with Session(engine) as session:
@@ -114,7 +116,7 @@ def test_file_formats_and_filters(
     captioned(service, dogs, ["a dog", "another dog"], caption_type="Straightforward", extra=("lighting",))
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
     settings = service.settings()
-    request = build_request(settings, {"caption_type": "Descriptive", "length": "short"})
+    request = build_request(settings, RequestOptions(caption_type="Descriptive", length="short"))
     enqueue_images([tmp_path / "dogs" / "broken.png"], request, settings)
 
     out = tmp_path / "out"

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 from sqlmodel import Session, select
 
+from joycap_queue.captions.request import RequestOptions
 from joycap_queue.intake.images import hash_file
 from joycap_queue.intake.watch.config import inbox_config
 from joycap_queue.intake.watch.watcher import FolderWatcher
@@ -88,7 +89,7 @@ def watchers() -> Iterator[Callable[..., RunningWatcher]]:
         if max_image_pixels is not None:
             settings = settings.model_copy(update={"max_image_pixels": max_image_pixels})
         defaults: dict[str, object] = {"caption_type": "Descriptive", "length": "short", "sidecar": ("txt",)}
-        config = inbox_config(inbox, settings, {**defaults, **params})
+        config = inbox_config(inbox, settings, RequestOptions.from_params({**defaults, **params}))
         watcher = FolderWatcher(
             [config],
             settings,

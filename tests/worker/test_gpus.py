@@ -16,9 +16,10 @@ import pytest
 
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
+from joycap_queue.ops.gpus import visible_gpus
 from tests.conftest import Service, wait_until
 from tests.pipeline.test_pipeline import all_finished, jobs_in
-from worker.gpus import node_name, resolve_gpus, visible_gpus
+from worker.gpus import node_name, resolve_gpus
 
 
 def children_of(pid: int) -> list[int]:

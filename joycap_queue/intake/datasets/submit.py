@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from joycap_queue.captions.prompts import build_prompt
-from joycap_queue.captions.request import CaptionRequest, build_requests, dedup_key
+from joycap_queue.captions.request import CaptionRequest, RequestOptions, build_requests, dedup_key
 from joycap_queue.config import Settings
 from joycap_queue.intake.datasets.source import (
     DatasetSource,
@@ -62,9 +62,9 @@ class NameRequests:
     use the requests as given.
     """
 
-    def __init__(self, settings: Settings, params: dict[str, Any], *, by_name: bool) -> None:
+    def __init__(self, settings: Settings, options: RequestOptions, *, by_name: bool) -> None:
         self.by_name = by_name
-        self.base = build_requests(settings, params)
+        self.base = build_requests(settings, options)
         self._named: dict[str, list[CaptionRequest]] = {}
         if by_name:
             self.for_name("Name")  # checks the options with a name before anything is written
@@ -107,7 +107,7 @@ class _Planned:
 def submit_dataset(
     source: DatasetSource,
     settings: Settings,
-    params: dict[str, Any],
+    options: RequestOptions,
     *,
     split: str | None = None,
     image_column: str | None = None,
@@ -122,7 +122,7 @@ def submit_dataset(
     ping_broker(app)
     split_name, dataset = load_split(source, split)
     columns = choose_columns(dataset, image_column=image_column, id_column=id_column, name_column=name_column)
-    requests = NameRequests(settings, params, by_name=name_column is not None)
+    requests = NameRequests(settings, options, by_name=name_column is not None)
     engine = engines.get_engine(settings.effective_database_url)
     root = store_root(settings)
     summary = DatasetSummary(split=split_name)

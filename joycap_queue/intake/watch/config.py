@@ -24,12 +24,12 @@ move = true               # done/ and failed/ inside the inbox (done_dir / faile
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from joycap_queue.captions.prompts import DEFAULT_CAPTION_TYPE, DEFAULT_LENGTH
-from joycap_queue.captions.request import CaptionRequest, build_requests
+from joycap_queue.captions.request import CaptionRequest, RequestOptions, build_requests
 from joycap_queue.config import Settings
 from joycap_queue.errors import OptionError
 from joycap_queue.results.sidecars import SIDECAR_KINDS, OutputOptions
@@ -117,21 +117,21 @@ def output_options(
     )
 
 
-def inbox_config(path: Path, settings: Settings, params: dict[str, Any]) -> InboxConfig:
-    """One inbox from option values named like the CLI's (caption_type, extra, sidecar, move …)."""
+def inbox_config(path: Path, settings: Settings, options: RequestOptions) -> InboxConfig:
+    """One inbox and its caption and output options (caption_type, extra, sidecar, move …)."""
     inbox = Path(path).expanduser().resolve()
     if not inbox.is_dir():
         raise OptionError("inbox", f"inbox {inbox} is not a folder")
     outputs = output_options(
         inbox,
-        sidecar=params["sidecar"] if params.get("sidecar") is not None else ("txt",),
-        sidecar_mode=params.get("sidecar_mode") or "skip",
-        move=bool(params.get("move")),
-        done_dir=params.get("done_dir"),
-        failed_dir=params.get("failed_dir"),
-        skip_flagged=bool(params.get("skip_flagged_sidecars")),
+        sidecar=options.sidecar if options.sidecar is not None else ("txt",),
+        sidecar_mode=options.sidecar_mode or "skip",
+        move=options.move,
+        done_dir=options.done_dir,
+        failed_dir=options.failed_dir,
+        skip_flagged=options.skip_flagged_sidecars,
     )
-    requests = build_requests(settings, {**params, "outputs": outputs})
+    requests = build_requests(settings, replace(options, outputs=outputs))
     return InboxConfig(inbox, tuple(requests))
 
 
@@ -183,27 +183,29 @@ def load_watch_config(config_path: Path, settings: Settings) -> WatchConfig:
         prompt = merged.get("prompt")
         if isinstance(prompt, list) and not all(isinstance(item, str) for item in prompt):
             raise OptionError("prompt", f"{where}: prompt is a string or a list of strings")
-        params: dict[str, Any] = {
-            "caption_type": merged.get("caption_type", DEFAULT_CAPTION_TYPE),
-            "length": str(merged.get("length", DEFAULT_LENGTH)),
-            "extra": [str(item) for item in merged.get("extra", [])],
-            "name": merged.get("name"),
-            "custom_prompt": prompt,
-            "prompt_file": base / merged["prompt_file"] if merged.get("prompt_file") else None,
-            "prepend": merged.get("prepend", ""),
-            "append": merged.get("append", ""),
-            "sidecar": merged.get("sidecar", ["txt"]),
-            "sidecar_mode": merged.get("sidecar_mode", "skip"),
-            "move": merged.get("move", False),
-            "done_dir": str(base / merged["done_dir"]) if merged.get("done_dir") else None,
-            "failed_dir": str(base / merged["failed_dir"]) if merged.get("failed_dir") else None,
-            "skip_flagged_sidecars": merged.get("skip_flagged_sidecars", False),
-            "strip_lead_in": merged.get("strip_lead_in", False),
-            "drop_sentences": [str(item) for item in merged.get("drop_sentences", [])],
-            "dedupe_tags": merged.get("dedupe_tags", False),
-        }
+        options = RequestOptions.from_params(
+            {
+                "caption_type": merged.get("caption_type", DEFAULT_CAPTION_TYPE),
+                "length": str(merged.get("length", DEFAULT_LENGTH)),
+                "extra": [str(item) for item in merged.get("extra", [])],
+                "name": merged.get("name"),
+                "custom_prompt": prompt,
+                "prompt_file": base / merged["prompt_file"] if merged.get("prompt_file") else None,
+                "prepend": merged.get("prepend", ""),
+                "append": merged.get("append", ""),
+                "sidecar": merged.get("sidecar", ["txt"]),
+                "sidecar_mode": merged.get("sidecar_mode", "skip"),
+                "move": merged.get("move", False),
+                "done_dir": str(base / merged["done_dir"]) if merged.get("done_dir") else None,
+                "failed_dir": str(base / merged["failed_dir"]) if merged.get("failed_dir") else None,
+                "skip_flagged_sidecars": merged.get("skip_flagged_sidecars", False),
+                "strip_lead_in": merged.get("strip_lead_in", False),
+                "drop_sentences": [str(item) for item in merged.get("drop_sentences", [])],
+                "dedupe_tags": merged.get("dedupe_tags", False),
+            }
+        )
         try:
-            config.inboxes.append(inbox_config(base / table["path"], settings, params))
+            config.inboxes.append(inbox_config(base / table["path"], settings, options))
         except OptionError as exc:
             raise OptionError(exc.field, f"{where}: {exc}") from None
     return config
