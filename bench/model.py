@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from worker.model.tiny import BPE_VOCAB_SIZE, CHAT_TEMPLATE, LLAMA3_SPLIT, _corpus
+from worker.model.tiny import llama_tokenizer, trained_bpe
 
 VOCAB = 128_256
 FIRST_SPECIAL = 128_000
@@ -72,22 +72,9 @@ def llama31_special_tokens() -> dict[int, str]:
 
 
 def build_tokenizer() -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    backend.train_from_iterator(_corpus(0), trainer=trainer)
-    spec = json.loads(backend.to_str())
+    spec = json.loads(trained_bpe(0).to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     # Filler ids up to Llama's: random weights generate any of them, and each must decode.
     for token_id in range(len(vocab), FIRST_SPECIAL):
@@ -105,22 +92,7 @@ def build_tokenizer() -> Any:
         }
         for i, t in specials.items()
     ]
-    full = Tokenizer.from_str(json.dumps(spec))
-    full.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A",
-        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", FIRST_SPECIAL)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=full,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        padding_side="left",
-        model_max_length=131072,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return llama_tokenizer(Tokenizer.from_str(json.dumps(spec)), FIRST_SPECIAL)
 
 
 def joycaption_config(size: str = "full") -> Any:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from celery.exceptions import SoftTimeLimitExceeded
 
 from joycap_queue.errors import first_line
-from worker.backends.base import Backend, CaptionInput, CaptionOutput, GenerationParams
+from worker.backends.base import Backend, BackendFront, CaptionInput, CaptionOutput, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
-class CaptionStream:
+class CaptionStream(BackendFront):
     """What the batcher and the continuous engine share: one model thread, closing, time limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -161,8 +162,7 @@ class Batcher(CaptionStream):
     def __init__(self, backend: Backend, *, max_batch_size: int = 8, wait_ms: float = 50.0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
-        super().__init__()
-        self.backend = backend
+        super().__init__(backend)
         self.max_batch_size = max_batch_size
         self.wait_s = max(wait_ms, 0.0) / 1000.0
         self.batches_run = 0
@@ -172,14 +172,6 @@ class Batcher(CaptionStream):
         # milliseconds, so a batch that they would fill waits for them instead of leaving without.
         self._preparing = 0
         self._running: Sequence[_Request] = ()
-
-    @property
-    def model_id(self) -> str:
-        return self.backend.model_id
-
-    @property
-    def serving_key(self) -> str:
-        return self.backend.serving_key
 
     def describe(self) -> str:
         return f"{self.backend.describe()}, batches of up to {self.max_batch_size}"

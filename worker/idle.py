@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker.backends.base import Backend, CaptionInput, CaptionOutput, GenerationParams
+from worker.backends.base import Backend, BackendFront, CaptionInput, CaptionOutput, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ LOADING = "loading"
 UNLOADED = "idle-unloaded"
 
 
-class IdleUnloading:
+class IdleUnloading(BackendFront):
     """The process's caption stream, built by ``build`` and dropped after ``idle_s`` without jobs.
 
     Task threads call ``caption_one`` as on any stream; the first one after an unload loads the
@@ -44,14 +44,6 @@ class IdleUnloading:
         self._last_active = time.monotonic()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
-
-    @property
-    def model_id(self) -> str:
-        return self.backend.model_id
-
-    @property
-    def serving_key(self) -> str:
-        return self.backend.serving_key
 
     @property
     def max_batch_size(self) -> int:

@@ -23,6 +23,7 @@ from joycap_queue.captions.modelspec import spec_key
 from joycap_queue.captions.prompts import system_prompt
 from joycap_queue.captions.quality import CleanupRules
 from joycap_queue.config import Settings, mask_url
+from joycap_queue.errors import first_line
 from joycap_queue.intake.images import ImageError, check_allowed, open_image_rgb, read_verified
 from joycap_queue.results.sidecars import OutputOptions, finish_job_outputs
 from joycap_queue.store import engines, jobstate
@@ -88,8 +89,8 @@ def run_caption_job(
         except Exception as exc:
             if not engines.is_transient(exc):
                 raise
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            log.warning("database write failed (claim job %s): %s; retrying", job_id, mask_url(reason))
+            reason = mask_url(first_line(exc, driver=True))
+            log.warning("database write failed (claim job %s): %s; retrying", job_id, reason)
         left_s = max(settings.db_retry_s - (time.monotonic() - started), 0.0)
         return engines.retrying(left_s, what=f"claim job {job_id}")(call)
 
@@ -164,7 +165,7 @@ def _run(
         return _failed(engine, settings, job_id, reason, outputs=wants_outputs)
     except Exception as exc:  # noqa: BLE001 - a job failure is data; the worker must keep going
         log.exception("job %s: captioning failed", job_id)
-        reason = f"captioning failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        reason = first_line(f"captioning failed: {type(exc).__name__}: {exc}", strip=False)
         return _failed(engine, settings, job_id, reason, outputs=wants_outputs)
     completion = jobstate.Completion(
         job_id,
@@ -187,7 +188,7 @@ def _run(
             )[0]
     except (DataError, IntegrityError) as exc:
         # The database refuses this value for good; retrying cannot help, so the job fails.
-        reason = str(exc.orig or exc).strip().splitlines()[0]
+        reason = first_line(exc, driver=True)
         return _failed(
             engine, settings, job_id, f"could not store the caption: {reason}", outputs=wants_outputs
         )

@@ -17,6 +17,8 @@ from typing import IO
 
 from PIL import ExifTags, Image, ImageSequence, UnidentifiedImageError
 
+from joycap_queue.errors import first_line
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Transparent pixels are composited onto white: training sets usually show transparent
 # artwork (logos, stickers, cut-outs) on white, and black would read as a dark background.
@@ -233,7 +235,7 @@ def file_error_reason(exc: BaseException) -> str:
 
 
 def _one_line(reason: str) -> str:
-    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    first = first_line(reason)
     return first if len(first) <= MAX_REASON else first[: MAX_REASON - 1] + "…"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from joycap_queue.captions import prompts
 from joycap_queue.captions.quality import FLAGS
 from joycap_queue.captions.request import normalize_model
 from joycap_queue.errors import JoycapError, OptionError
-from joycap_queue.files import write_atomic
+from joycap_queue.files import replacing, write_atomic
 from joycap_queue.intake.images import IMAGE_EXTENSIONS
-from joycap_queue.results.sidecars import SIDECAR_MODES, merge_caption
+from joycap_queue.results.sidecars import SIDECAR_MODES, merge_caption, sidecar_named
 from joycap_queue.store import queries
 from joycap_queue.store.models import DatasetRow, Job, JobPublic, JobStatus
 from joycap_queue.store.search import WhereClause
@@ -318,9 +317,7 @@ class _SidecarNames:
         return shared
 
     def txt_for(self, image: Path) -> Path:
-        if image.stem in self._shared(image.parent):
-            return image.with_name(image.name + ".txt")
-        return image.with_suffix(".txt")
+        return sidecar_named(image, ".txt", full_name=image.stem in self._shared(image.parent))
 
 
 def write_sidecar_files(
@@ -367,14 +364,8 @@ def write_sidecar_files(
 def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it only when the export finished."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with replacing(path) as tmp:
+        yield tmp
 
 
 def counted(

@@ -94,9 +94,12 @@ def sidecar_path(image: Path, suffix: str, *, also_in: Path | None = None) -> Pa
     ``also_in`` is the folder an image was just moved out of: its twins still there count too.
     """
     folders = [image.parent, *([also_in] if also_in is not None else [])]
-    if any(_has_stem_sibling(folder, image) for folder in folders):
-        return image.with_name(image.name + suffix)
-    return image.with_suffix(suffix)
+    return sidecar_named(image, suffix, full_name=any(_has_stem_sibling(folder, image) for folder in folders))
+
+
+def sidecar_named(image: Path, suffix: str, *, full_name: bool) -> Path:
+    """`a.txt` for `a.jpg`; `a.jpg.txt` with ``full_name`` (another image there shares the stem)."""
+    return image.with_name(image.name + suffix) if full_name else image.with_suffix(suffix)
 
 
 def _joined(first: str, second: str) -> str:
@@ -256,7 +259,7 @@ def sidecar_record(job: JobPublic) -> dict[str, Any]:
 def has_sidecar(image: Path, suffix: str) -> bool:
     """Whether the image has its `suffix` sidecar, under either name: one written while a twin of
     the same stem shared the folder (the folder it was moved out of, perhaps) has the full name."""
-    return image.with_name(image.name + suffix).exists() or sidecar_path(image, suffix).exists()
+    return sidecar_named(image, suffix, full_name=True).exists() or sidecar_path(image, suffix).exists()
 
 
 def _tree_for(status: str, options: OutputOptions) -> str | None:

@@ -21,7 +21,7 @@ from sqlmodel import create_engine
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from joycap_queue.config import mask_url
-from joycap_queue.errors import OptionError, ServiceUnavailable
+from joycap_queue.errors import OptionError, ServiceUnavailable, first_line
 from joycap_queue.store.schema import create_schema
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _make_engine(url: str) -> Engine:
         create_schema(engine)
     except OperationalError as exc:
         engine.dispose()
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
+        reason = first_line(exc.orig) if exc.orig else "connection failed"
         raise ServiceUnavailable(f"cannot reach the database at {mask_url(url)}: {reason}") from None
     return engine
 
@@ -135,7 +135,7 @@ def retrying(budget_s: float, *, what: str) -> Retrying:
 
     def log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if exc else ""
+        reason = first_line(exc, driver=True) if exc else ""
         log.warning("database write failed (%s): %s; retrying", what, mask_url(reason))
 
     return Retrying(

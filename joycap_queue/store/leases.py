@@ -32,6 +32,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import col
 
 from joycap_queue.config import mask_url
+from joycap_queue.errors import first_line
 from joycap_queue.store.models import Endpoint, Watcher, utcnow
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,7 @@ def holder(engine: Engine, inbox: str) -> str:
 
 def reason(exc: BaseException) -> str:
     """One line for the log: the error's first line, any URL in it masked."""
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return mask_url(text.splitlines()[0]) if text else type(exc).__name__
+    return mask_url(first_line(exc, driver=True))
 
 
 class Beat:

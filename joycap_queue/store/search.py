@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 from sqlmodel import Session, col
 
-from joycap_queue.errors import OptionError
+from joycap_queue.errors import OptionError, first_line
 from joycap_queue.store.models import Job
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def ensure_search_index(engine: Engine) -> None:
                 conn.execute(text(f"CREATE INDEX IF NOT EXISTS {PG_INDEX} ON job USING gin ({expression})"))
     except DBAPIError as exc:
         # Two processes creating the index at once: one wins, the other sees a duplicate here.
-        log.warning("caption search index not created: %s", str(exc.orig or exc).strip().splitlines()[0])
+        log.warning("caption search index not created: %s", first_line(exc, driver=True))
 
 
 def _ensure_sqlite(conn: Connection) -> None:

@@ -18,6 +18,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from worker.engine.memory import ACTIVATION_RESERVE, MAX_SLOTS
 from worker.model import memory_table as mt
+from worker.model import sizes
 
 
 def _nbytes(tensors: Any) -> int:
@@ -35,7 +36,7 @@ def tiny_bf16(tiny_model: Path) -> Any:
 
 def test_parameter_count_is_exact_on_the_tiny_model(tiny_bf16: Any) -> None:
     config = tiny_bf16.config.to_dict()
-    groups = mt.parameter_groups(config)
+    groups = sizes.parameter_groups(config)
     assert mt.parameter_count(config) == _params(tiny_bf16)
     assert groups["vision_tower"] == _params(tiny_bf16.model.vision_tower)
     assert groups["multi_modal_projector"] == _params(tiny_bf16.model.multi_modal_projector)
@@ -58,20 +59,23 @@ def test_parameter_count_is_exact_on_the_full_architecture() -> None:
         full = LlavaForConditionalGeneration(LlavaConfig(**mt.JOYCAPTION_CONFIG))
         headless = LlavaForConditionalGeneration(joycaption_config("full"))  # the GPU bench's model
     assert mt.parameter_count() == _params(full) == 8_479_990_848
-    assert mt.parameter_groups()["vision_tower"] == _params(full.model.vision_tower)
+    assert sizes.parameter_groups()["vision_tower"] == _params(full.model.vision_tower)
     # SigLIP so400m's vision tower with its pooling head: ~428M.
-    assert 0.42e9 < mt.parameter_groups()["vision_tower"] < 0.435e9
+    assert 0.42e9 < sizes.parameter_groups()["vision_tower"] < 0.435e9
     assert mt.parameter_count(headless.config.to_dict()) == _params(headless)
 
 
 @pytest.mark.parametrize("mode", ["8bit", "nf4"])
 def test_quantized_bytes_are_what_bitsandbytes_stores(tiny_model: Path, tiny_bf16: Any, mode: str) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(
-        tiny_model, dtype=torch.bfloat16, quantization_config=mt.bitsandbytes_config(mode), device_map="cpu"
+        tiny_model,
+        dtype=torch.bfloat16,
+        quantization_config=sizes.bitsandbytes_config(mode),
+        device_map="cpu",
     )
     config = tiny_bf16.config.to_dict()
     expected = mt.weight_bytes(config, mode)
-    converted = mt.quantized_modules(model)
+    converted = sizes.quantized_modules(model)
     # Only the decoder layers' linears: vision tower, projector and lm_head stay bf16.
     assert len(converted) == len(mt.decoder_linears(config))
     assert all(name.startswith("model.language_model.layers.") for name in converted)
@@ -86,7 +90,7 @@ def test_quantized_bytes_are_what_bitsandbytes_stores(tiny_model: Path, tiny_bf1
         assert {modules[name].weight.dtype for name in converted} == {torch.int8}
     else:
         states = [modules[name].weight.quant_state for name in converted]
-        assert all(s.nested and s.blocksize == mt.NF4_BLOCK and s.quant_type == "nf4" for s in states)
+        assert all(s.nested and s.blocksize == sizes.NF4_BLOCK and s.quant_type == "nf4" for s in states)
         stats = _nbytes(
             t for s in states for t in (s.absmax, s.code, s.offset, s.state2.absmax, s.state2.code)
         )
@@ -96,7 +100,7 @@ def test_quantized_bytes_are_what_bitsandbytes_stores(tiny_model: Path, tiny_bf1
 
 
 def test_the_8b_table() -> None:
-    gib = {mode: mt.weights_gib(mode) for mode in mt.MODES}
+    gib = {mode: sizes.weights_gib(mode) for mode in mt.MODES}
     assert gib["nf4"] < gib["8bit"] < gib["bf16"]
     # 8.48B parameters x 2 bytes (the brief's 16.1-16.8 GB leaves out ~0.45B of vision tower
     # and projector: Llama 3.1 8B alone is 16.06 GB).

@@ -18,6 +18,28 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """The sampling values in effect: temperature 0.0 is greedy, top_p 1.0 and top_k 0 are off."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+
+    def request_fields(self) -> dict[str, float | int]:
+        """What a server's request carries (the OpenAI API, vLLM's SamplingParams).
+
+        Greedy sends temperature 0 alone; top_k goes only when set (the OpenAI API has none, it
+        is a vLLM extension).
+        """
+        if not self.temperature:
+            return {"temperature": 0.0}
+        fields: dict[str, float | int] = {"temperature": self.temperature, "top_p": self.top_p}
+        if self.top_k:
+            fields["top_k"] = self.top_k
+        return fields
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Sampling settings; upstream's defaults. ``temperature == 0`` means greedy.
 
@@ -49,6 +71,14 @@ class GenerationParams:
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
 
+    @property
+    def sampling(self) -> Sampling:
+        """Temperature, top_p and top_k as every engine applies them: greedy turns all three off,
+        an unset filter is off."""
+        if self.is_greedy:
+            return Sampling(temperature=0.0, top_p=1.0, top_k=0)
+        return Sampling(self.temperature, 1.0 if self.top_p is None else self.top_p, self.top_k or 0)
+
     def to_dict(self) -> dict[str, object]:
         described = asdict(self)
         # Left out when unused, so job rows and dedup keys written before they existed still match.
@@ -64,14 +94,15 @@ class GenerationParams:
         if self.is_greedy:
             # Sampling knobs beside do_sample=False only earn warnings.
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **forced}
+        sampling = self.sampling
         return {
             "do_sample": True,
             "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
+            "temperature": sampling.temperature,
             # An omitted knob is not "off": generate fills it from generation_config, then from
             # transformers' global defaults, and those include top_k=50. 0 and 1.0 disable them.
-            "top_k": self.top_k or 0,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
             **forced,
         }
 
@@ -154,3 +185,18 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name} backend on {self.device}"
+
+
+class BackendFront:
+    """What captions through ``self.backend`` (the batcher, the continuous engine, idle
+    unloading): the model and the jobs it serves are the backend's."""
+
+    backend: Backend
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+    @property
+    def serving_key(self) -> str:
+        return self.backend.serving_key

@@ -122,13 +122,7 @@ class OpenAIBackend(Backend):
             "max_tokens": params.max_new_tokens,
             "stream": False,
         }
-        if params.is_greedy:
-            body["temperature"] = 0.0
-        else:
-            body["temperature"] = params.temperature
-            body["top_p"] = 1.0 if params.top_p is None else params.top_p
-            if params.top_k:
-                body["top_k"] = params.top_k  # a vLLM extension of the API
+        body.update(params.sampling.request_fields())
         if params.min_new_tokens:
             body["min_tokens"] = params.min_new_tokens  # a vLLM extension of the API
         return body

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from joycap_queue.errors import first_line
 from worker.backends.base import (
     Backend,
     CaptionInput,
@@ -124,8 +125,7 @@ class VllmBackend(Backend):
             except ModelLoadError:
                 raise
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"cannot start vLLM on {self.model_id!r}: {first}") from exc
+                raise ModelLoadError(f"cannot start vLLM on {self.model_id!r}: {first_line(exc)}") from exc
             self.image_size = int(config.vision_config.image_size)
             self._encoder, self._llm = encoder, llm
             log.info("vLLM engine for %s ready in %.1f s", self.model_id, time.monotonic() - started)
@@ -146,13 +146,7 @@ class VllmBackend(Backend):
             "stop_token_ids": self.encoder.stop_ids,
             "skip_special_tokens": False,
         }
-        if params.is_greedy:
-            kwargs["temperature"] = 0.0
-        else:
-            kwargs["temperature"] = params.temperature
-            kwargs["top_p"] = 1.0 if params.top_p is None else params.top_p
-            if params.top_k:
-                kwargs["top_k"] = params.top_k
+        kwargs.update(params.sampling.request_fields())
         return SamplingParams(**kwargs)
 
     def generate(self, batch: Sequence[VllmRequest], params: GenerationParams) -> list[CaptionOutput]:

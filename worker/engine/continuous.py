@@ -23,9 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
@@ -40,34 +38,11 @@ from worker.batcher import (
     without_frames,
 )
 from worker.engine.memory import plan_capacity, plan_slots
-from worker.engine.model_runner import ModelRunner, Newcomer
+from worker.engine.model_runner import ModelRunner
+from worker.engine.prefill import InFlight, Prefilled, prefill_admitted
 from worker.model.captioner import Captioner, PreparedImage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # identity: two captions of the same image are still two
-class _Sequence:
-    prepared: PreparedImage
-    params: GenerationParams
-    future: Future[CaptionOutput] = field(default_factory=Future)
-    seed: int = 0
-    slot: int = -1
-    tokens: list[int] = field(default_factory=list)
-    restarts: int = 0
-    # Counts admissions, so a prefill of an earlier one (restarted since) is told apart and dropped.
-    admission: int = 0
-
-
-@dataclass
-class _Prefilled:
-    """What the prefill thread hands the scheduler: slots ready to decode, or a failure."""
-
-    sequences: list[_Sequence]
-    admissions: list[int]
-    newcomers: list[Newcomer]
-    first: list[int]
-    failure: Exception | None = None
 
 
 class ContinuousEngine(CaptionStream):
@@ -84,7 +59,7 @@ class ContinuousEngine(CaptionStream):
         cuda_graphs: bool = True,
         cpu_fast_path: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(captioner)
         self.captioner = captioner
         self.requested_slots = slots
         self.kv_memory_fraction = kv_memory_fraction
@@ -101,22 +76,14 @@ class ContinuousEngine(CaptionStream):
         self.most_in_flight = 0
         # Images admitted while other captions were decoding: the stream's whole point.
         self.joined_mid_flight = 0
-        self._waiting: deque[_Sequence] = deque()
+        self._waiting: deque[InFlight] = deque()
         # Admitted groups for the prefill thread, and its results for the scheduler.
-        self._to_prefill: deque[list[tuple[_Sequence, int]]] = deque()
-        self._prefilled: list[_Prefilled] = []
-        self._active: dict[int, _Sequence] = {}
+        self._to_prefill: deque[list[tuple[InFlight, int]]] = deque()
+        self._prefilled: list[Prefilled] = []
+        self._active: dict[int, InFlight] = {}
         self._free: list[int] = []
         self._ready = False
         self._ready_lock = threading.Lock()
-
-    @property
-    def model_id(self) -> str:
-        return self.captioner.model_id
-
-    @property
-    def serving_key(self) -> str:
-        return self.captioner.serving_key
 
     @property
     def max_batch_size(self) -> int:
@@ -189,7 +156,7 @@ class ContinuousEngine(CaptionStream):
 
     def submit(self, prepared: PreparedImage, params: GenerationParams) -> Future[CaptionOutput]:
         seed = params.seed if params.seed is not None else secrets.randbits(31)
-        sequence = _Sequence(prepared, params, seed=seed)
+        sequence = InFlight(prepared, params, seed=seed)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -248,44 +215,12 @@ class ContinuousEngine(CaptionStream):
                         return
                     self._cond.wait()
                 entries = self._to_prefill.popleft()
-            outcomes = self._prefill(entries)
+            outcomes = prefill_admitted(self._runner, entries, self.watchdog)
             with self._cond:
                 self._prefilled.extend(outcomes)
                 self._cond.notify_all()
 
-    def _prefill(self, entries: Sequence[tuple[_Sequence, int]]) -> list[_Prefilled]:
-        """Prefilled groups, one per prompt length; a failure stops the rest and is returned."""
-        admitted = [sequence for sequence, _ in entries]
-        admission = {id(sequence): number for sequence, number in entries}
-        outcomes: list[_Prefilled] = []
-        left = list(admitted)
-        try:
-            with self.watchdog.call(f"a prefill of {len(admitted)} images"):
-                features = self._runner.image_features([s.prepared.pixels for s in admitted])
-                groups: dict[int, list[tuple[_Sequence, Newcomer]]] = {}
-                for sequence, feature in zip(admitted, features, strict=True):
-                    newcomer = Newcomer(
-                        sequence.slot,
-                        sequence.prepared.ids,
-                        feature,
-                        sequence.params,
-                        sequence.seed,
-                        sequence.prepared.forced_length or 0,
-                    )
-                    groups.setdefault(len(newcomer.ids), []).append((sequence, newcomer))
-                for members in groups.values():
-                    first = self._runner.prefill([n for _, n in members])
-                    done = [s for s, _ in members]
-                    outcomes.append(
-                        _Prefilled(done, [admission[id(s)] for s in done], [n for _, n in members], first)
-                    )
-                    left = [s for s in left if all(s is not m for m in done)]
-        except Exception as exc:  # noqa: BLE001 - handed to the scheduler with its images
-            numbers = [admission[id(s)] for s in left]
-            outcomes.append(_Prefilled(left, numbers, [], [], without_frames(exc)))
-        return outcomes
-
-    def _activate(self, outcome: _Prefilled) -> None:
+    def _activate(self, outcome: Prefilled) -> None:
         """On the scheduler thread, between two steps: prefilled slots join the decode step."""
         # Only slots still held by the admission that was prefilled (not released, not restarted).
         pairs = zip(outcome.sequences, outcome.admissions, strict=True)
@@ -309,10 +244,10 @@ class ContinuousEngine(CaptionStream):
                 self._to_prefill.extend([(s, s.admission)] for s in current)
                 self._cond.notify_all()
 
-    def _admit(self) -> tuple[list[_Sequence], list[_Sequence]]:
+    def _admit(self) -> tuple[list[InFlight], list[InFlight]]:
         """Waiting images into free slots; and those too long for any slot, to caption alone."""
-        admitted: list[_Sequence] = []
-        alone: list[_Sequence] = []
+        admitted: list[InFlight] = []
+        alone: list[InFlight] = []
         # A free slot is filled at once: holding newcomers back to share one prefill measured no
         # faster (a prefill costs the same per image at 1 or 16) and leaves slots idle.
         while self._waiting and self._free:
@@ -332,7 +267,7 @@ class ContinuousEngine(CaptionStream):
             self.joined_mid_flight += len(admitted)
         return admitted, alone
 
-    def _caption_alone(self, sequence: _Sequence) -> None:
+    def _caption_alone(self, sequence: InFlight) -> None:
         # A prompt plus max_new_tokens longer than a slot: rare (a huge custom prompt, thousands
         # of new tokens), so it takes transformers' own generate rather than a bigger cache.
         try:
@@ -351,20 +286,20 @@ class ContinuousEngine(CaptionStream):
         for slot, sequence in decoding.items():
             self._accept(sequence, new[slot])
 
-    def _accept(self, sequence: _Sequence, token: int) -> None:
+    def _accept(self, sequence: InFlight, token: int) -> None:
         sequence.tokens.append(token)
         if sequence.future.done():  # timed out or handed back: nobody waits for the rest
             self._release(sequence)
         elif token in self._stop_set or len(sequence.tokens) >= sequence.params.max_new_tokens:
             self._finish(sequence)
 
-    def _finish(self, sequence: _Sequence) -> None:
+    def _finish(self, sequence: InFlight) -> None:
         text, output_tokens = self.captioner.encoder.decode_reply(sequence.tokens)
         output = CaptionOutput(text, prompt_tokens=len(sequence.prepared.ids), output_tokens=output_tokens)
         self._release(sequence)
         settle(sequence.future, result=output)
 
-    def _release(self, sequence: _Sequence) -> None:
+    def _release(self, sequence: InFlight) -> None:
         with self._cond:
             if self._active.get(sequence.slot) is sequence:
                 del self._active[sequence.slot]

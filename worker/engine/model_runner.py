@@ -177,14 +177,14 @@ class ModelRunner:
 
     @staticmethod
     def _set_controls(controls: RowControls, row: int, newcomer: Newcomer) -> None:
-        params = newcomer.params
+        sampling = newcomer.params.sampling
         controls.set_row(
             row,
-            temperature=0.0 if params.is_greedy else params.temperature,
-            top_k=params.top_k or 0,
-            top_p=1.0 if params.top_p is None or params.is_greedy else params.top_p,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,  # greedy rows take the argmax: top_k does not reach them
+            top_p=sampling.top_p,
             seed=newcomer.seed,
-            min_new=params.min_new_tokens,
+            min_new=newcomer.params.min_new_tokens,
             forced_end=newcomer.forced_length,
         )
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from joycap_queue.config import TINY_MODEL_MARKER
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
 BOS = "<|begin_of_text|>"
@@ -99,10 +100,11 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
+def trained_bpe(seed: int) -> Tokenizer:
+    """A byte-level BPE with Llama 3's pre-tokenizer split, trained on the prompt vocabulary;
+    no special tokens yet (the tiny model and the benchmark's model place them differently)."""
     # Imports inside: importing this module stays cheap (the CLI lists it without building).
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -118,9 +120,15 @@ def _build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     backend.train_from_iterator(_corpus(seed), trainer=trainer)
-    # Specials after the learned vocabulary, as in Llama 3 (ids 128000+ there).
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    bos_id = backend.token_to_id(BOS)
+    return backend
+
+
+def llama_tokenizer(backend: Tokenizer, bos_id: int) -> PreTrainedTokenizerFast:
+    """``backend`` (holding Llama 3.1's special tokens) as a transformers tokenizer with its
+    chat template; plain ``encode`` adds BOS (id ``bos_id``), as Llama 3.1's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     # Like Llama 3.1: plain encode() adds BOS, so a template that also writes it gives two.
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
@@ -135,6 +143,15 @@ def _build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+def _build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
+    backend = trained_bpe(seed)
+    # Specials after the learned vocabulary, as in Llama 3 (ids 128000+ there).
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    bos_id = backend.token_to_id(BOS)
+    assert bos_id is not None  # added just above
+    return llama_tokenizer(backend, bos_id)
 
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, profile: str = "beta-one") -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from joycap_queue.errors import JoycapError, OptionError
+from joycap_queue.errors import JoycapError, OptionError, first_line
 from joycap_queue.intake.images import ImageError, file_error_reason
 
 DEFAULT_ID_COLUMN = "im_name"
@@ -102,7 +102,7 @@ def load_source(source: DatasetSource) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the loader says, it is about the user's data
         where = "from the Hugging Face hub" if source.kind == "hub" else f"({source.kind})"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise JoycapError(f"cannot load dataset {source.location} {where}: {reason}") from None
     return loaded
 

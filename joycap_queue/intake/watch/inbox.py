@@ -1,20 +1,16 @@
-"""What a watched inbox has seen: candidate files, those settling, those taken; event notices.
+"""What a watched inbox has seen: candidate files, those settling, those taken.
 
 The watcher's bookkeeping, apart from its loop (`watcher.FolderWatcher`): which names are
-candidates (temporary names of copy tools and hidden files are not), what each candidate's last
-size and mtime were, and the observer thread's handler that only records paths to look at.
+candidates (temporary names of copy tools and hidden files are not), and what each candidate's
+last size and mtime were.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 
 from joycap_queue.intake.images import IMAGE_EXTENSIONS
 from joycap_queue.intake.watch.config import InboxConfig
@@ -107,41 +103,6 @@ class InboxState:
         if any(part.startswith(".") for part in relative.parts[:-1]):
             return False
         return not any(path.is_relative_to(excluded) for excluded in self.excluded)
-
-
-class NoticeHandler(FileSystemEventHandler):
-    """Runs on the observer's thread: only records which paths to look at."""
-
-    def __init__(
-        self,
-        notices: queue.SimpleQueue[tuple[InboxState, Path, bool]],
-        state: InboxState,
-        wake: threading.Event,
-    ):
-        self.notices, self.state, self.wake = notices, state, wake
-
-    def _notice(self, raw: str | bytes, *, closed: bool = False) -> None:
-        path = Path(os.fsdecode(raw))
-        if self.state.is_candidate(path):
-            self.notices.put((self.state, path, closed))
-            self.wake.set()
-
-    def on_created(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self._notice(event.src_path)
-
-    def on_modified(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self._notice(event.src_path)
-
-    def on_closed(self, event: FileSystemEvent) -> None:
-        if isinstance(event, FileClosedEvent):
-            self._notice(event.src_path, closed=True)
-
-    def on_moved(self, event: FileSystemEvent) -> None:
-        if isinstance(event, FileSystemMovedEvent) and not event.is_directory:
-            # A rename is how copy tools finish: the new name is complete.
-            self._notice(event.dest_path, closed=True)
 
 
 def walk_candidates(state: InboxState) -> Iterator[Path]:

@@ -1,5 +1,8 @@
 """Watch folders: every finished image dropped into an inbox becomes a job, once.
 
+The observer and its handler, and the loop that turns what they notice into jobs; when a file
+is whole is `settle`, the inbox locks `locks`, the sidecars done jobs lack `repair`.
+
 A file is taken when it is complete: at inotify's close-after-write (Linux), or once its size
 and mtime have held still for the settle time (files moved in, network mounts, polling), and
 in both cases only if it decodes. Temporary names of copy tools are ignored until renamed. A
@@ -12,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from celery import Celery
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -29,32 +31,62 @@ from watchdog.observers.polling import PollingObserver
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
 from joycap_queue.intake.enqueue import enqueue_images
-from joycap_queue.intake.images import decodes_completely, has_end_marker
 from joycap_queue.intake.watch.config import InboxConfig
-from joycap_queue.intake.watch.inbox import InboxState, NoticeHandler, Pending, walk_candidates
+from joycap_queue.intake.watch.inbox import InboxState, walk_candidates
+from joycap_queue.intake.watch.locks import InboxLocks
+from joycap_queue.intake.watch.repair import finish_twins, reconcile
+from joycap_queue.intake.watch.settle import observe, take_ready
 from joycap_queue.messaging.app import make_celery
 from joycap_queue.outages import OutageWait
 from joycap_queue.recovery.sweep import recover
-from joycap_queue.results.sidecars import (
-    finish_job_outputs,
-    has_sidecar,
-    sidecar_record,
-    write_sidecars,
-)
-from joycap_queue.store import engines, leases
-from joycap_queue.store.models import Job, JobPublic, JobStatus, utcnow
+from joycap_queue.store import engines
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 # A watcher row not refreshed for this long belongs to a watcher that died.
 STALE_AFTER = timedelta(seconds=15)
-# How long a done job may lack its sidecar before the watcher writes it (see reconcile).
+# How long a done job may lack its sidecar before the watcher writes it (see repair.reconcile).
 SIDECAR_GRACE = 60.0
 TICK_S = 0.25
 # While the database or Redis is away, how often the watcher tries again.
 OUTAGE_RETRY_S = 1.0
 MAX_ENQUEUE = 1000
+
+
+class NoticeHandler(FileSystemEventHandler):
+    """Runs on the observer's thread: only records which paths to look at."""
+
+    def __init__(
+        self,
+        notices: queue.SimpleQueue[tuple[InboxState, Path, bool]],
+        state: InboxState,
+        wake: threading.Event,
+    ):
+        self.notices, self.state, self.wake = notices, state, wake
+
+    def _notice(self, raw: str | bytes, *, closed: bool = False) -> None:
+        path = Path(os.fsdecode(raw))
+        if self.state.is_candidate(path):
+            self.notices.put((self.state, path, closed))
+            self.wake.set()
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._notice(event.src_path)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._notice(event.src_path)
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent):
+            self._notice(event.src_path, closed=True)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileSystemMovedEvent) and not event.is_directory:
+            # A rename is how copy tools finish: the new name is complete.
+            self._notice(event.dest_path, closed=True)
 
 
 class FolderWatcher:
@@ -91,11 +123,9 @@ class FolderWatcher:
         self.stop_event = threading.Event()
         self.observer: BaseObserver | None = None
         self.rescans = 0  # completed rescans (see `rescan`)
-        # The inbox locks (leases.py), beaten from a thread of their own: the main loop blocks
-        # for longer than a lock lives (start-up scans, full decodes, SQLite busy waits).
-        self.locks: dict[Path, leases.Lease] = {}
-        self.lock_beat: leases.Beat | None = None
-        self.lost_lock: Path | None = None
+        self.locks = InboxLocks(
+            self.engine, self.states, stale_after=STALE_AFTER, beat_s=HEARTBEAT_S, on_lost=self.stop
+        )
 
     @staticmethod
     def _excluded(config: InboxConfig) -> tuple[Path, ...]:
@@ -103,33 +133,9 @@ class FolderWatcher:
         return tuple(Path(d) for d in (outputs.done_dir, outputs.failed_dir) if d)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def acquire(self) -> None:
-        """Take every inbox's lock or none: a second watcher on an inbox must not start."""
-        host, pid = socket.gethostname(), os.getpid()
-        for state in self.states:
-            lock = leases.take_inbox(
-                self.engine, inbox=str(state.root), host=host, pid=pid, stale_after=STALE_AFTER
-            )
-            if lock is None:
-                holder = leases.holder(self.engine, str(state.root))
-                self.release()
-                raise JoycapError(f"another watcher is already active on {state.root} ({holder})")
-            self.locks[state.root] = lock
-            state.watcher_id = lock.id
-
-    def release(self) -> None:
-        if self.lock_beat is not None:
-            self.lock_beat.stop()
-            self.lock_beat = None
-        for state in self.states:
-            lock = self.locks.pop(state.root, None)
-            if lock is not None:
-                leases.release(self.engine, lock)  # owner-checked: a lock taken over stays its new holder's
-            state.watcher_id = None
-
     def start(self) -> None:
-        self.acquire()
-        self.lock_beat = leases.Beat(HEARTBEAT_S, self.heartbeat, name="watcher-lock").start()
+        self.locks.acquire()
+        self.locks.start_beating()
         # A watcher that starts after Redis lost its data would otherwise skip the inbox's
         # images as "already queued" while no message exists for them.
         recover(self.settings, self.app, wait=60.0)
@@ -153,7 +159,7 @@ class FolderWatcher:
             self.observer.stop()
             self.observer.join(timeout=10)
             self.observer = None
-        self.release()
+        self.locks.release()
 
     def run(self, *, on_tick: Callable[[], None] | None = None) -> None:
         """Watch until `stop()`, releasing the inbox locks on the way out.
@@ -177,8 +183,8 @@ class FolderWatcher:
                     self.rescan(now)
         finally:
             self.close()
-        if self.lost_lock is not None:
-            raise JoycapError(f"lost the lock on {self.lost_lock} to another watcher; stopped")
+        if self.locks.lost is not None:
+            raise JoycapError(f"lost the lock on {self.locks.lost} to another watcher; stopped")
 
     # -- what one tick does ----------------------------------------------------------------
     def rescan(self, now: float) -> None:
@@ -195,7 +201,7 @@ class FolderWatcher:
                 self.scan(state)
             self._step(now)
             for state in self.states:
-                self.reconcile(state)
+                reconcile(self.engine, state, grace_s=self.sidecar_grace)
             self.rescans += 1
 
     def scan(self, state: InboxState) -> None:
@@ -218,9 +224,16 @@ class FolderWatcher:
                 state, path, closed = self.notices.get_nowait()
             except queue.Empty:
                 break
-            self._observe(state, path, now, closed=closed)
+            observe(state, path, now, closed=closed)
         for state in self.states:
-            ready = [*state.take_held(), *self._ready(state, now)]
+            ready = state.take_held()
+            ready += take_ready(
+                state,
+                now,
+                settle_seconds=self.settle_seconds,
+                incomplete_after=self.incomplete_after,
+                max_pixels=self.settings.max_image_pixels,
+            )
             for start in range(0, len(ready), MAX_ENQUEUE):
                 try:
                     self.enqueue(state, ready[start : start + MAX_ENQUEUE])
@@ -230,72 +243,6 @@ class FolderWatcher:
                     # them "already queued", or by the workers' sweep (recovery.py).
                     state.hold(ready[start:])
                     raise
-
-    def _observe(self, state: InboxState, path: Path, now: float, *, closed: bool) -> None:
-        try:
-            stat = path.stat()
-        except OSError:
-            state.pending.pop(path, None)
-            return
-        signature = (stat.st_size, stat.st_mtime_ns)
-        if signature in (state.handled.get(path), state.held.get(path)):
-            return
-        entry = state.pending.get(path)
-        if entry is None:
-            state.seen += 1
-            # A file unchanged since long before we saw it (present at start, moved in) counts
-            # as settled from its mtime; one being written has a fresh mtime and must wait.
-            entry = state.pending[path] = Pending(*signature, changed_at=min(now, stat.st_mtime))
-        elif (entry.size, entry.mtime_ns) != signature:
-            entry.size, entry.mtime_ns, entry.changed_at = *signature, now
-            entry.undecodable = False
-        entry.closed = entry.closed or closed
-
-    def _ready(self, state: InboxState, now: float) -> list[Path]:
-        ready = []
-        for path, entry in list(state.pending.items()):
-            if entry.undecodable:
-                if now - entry.changed_at >= self.incomplete_after:
-                    # Unchanged for this long and still not an image: not a slow writer but a
-                    # broken file. Queued, it becomes a failed job with its reason.
-                    del state.pending[path]
-                    state.handled[path] = (entry.size, entry.mtime_ns)
-                    ready.append(path)
-                continue
-            if not entry.closed and now - entry.changed_at < self.settle_seconds:
-                continue
-            try:
-                stat = path.stat()
-            except OSError:
-                del state.pending[path]
-                continue
-            if (stat.st_size, stat.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                entry.size, entry.mtime_ns, entry.changed_at = stat.st_size, stat.st_mtime_ns, now
-                entry.closed = False
-                continue
-            settled = now - entry.changed_at >= self.settle_seconds
-            # At a close event the file must also end properly: a writer that reopens to append
-            # leaves a decodable prefix behind at every close. A settled file needs only decode.
-            if (settled or has_end_marker(path)) and decodes_completely(
-                path, max_pixels=self.settings.max_image_pixels
-            ):
-                del state.pending[path]
-                state.handled[path] = (entry.size, entry.mtime_ns)
-                ready.append(path)
-            elif entry.closed:
-                # Closed but not whole: a writer that reopens to append; wait for it to settle.
-                entry.closed = False
-                entry.changed_at = now
-            else:
-                entry.undecodable = True
-                if not entry.warned:
-                    entry.warned = True
-                    log.warning(
-                        "%s is not a complete image; waiting for it to change (queued as broken after %g s)",
-                        path,
-                        self.incomplete_after,
-                    )
-        return ready
 
     def enqueue(self, state: InboxState, paths: list[Path]) -> None:
         counts = [0, 0, 0, 0]
@@ -317,68 +264,13 @@ class FolderWatcher:
                 (summary.queued, summary.already_done, summary.already_queued, summary.rejected)
             ):
                 counts[i] += value
-        self._finish_twins(state)
+        finish_twins(self.engine, state)
         log.info(
             "%s: queued %d, already done %d, already queued %d, rejected %d",
             state.root,
             *counts,
         )
 
-    def _finish_twins(self, state: InboxState) -> None:
-        """Copies of an image captioned (or queued) under another path get the same sidecars."""
-        if not state.twins:
-            return
-        with Session(self.engine) as session:
-            jobs = session.exec(select(Job).where(col(Job.id).in_(list(state.twins.values())))).all()
-        by_id = {job.id: job for job in jobs}
-        for twin, job_id in list(state.twins.items()):
-            job = by_id.get(job_id)
-            if job is None or job.status == JobStatus.failed.value:
-                del state.twins[twin]
-            elif job.status == JobStatus.done.value and job.caption is not None:
-                if twin.exists():
-                    record = {**sidecar_record(JobPublic.model_validate(job)), "image": twin.name}
-                    write_sidecars(twin, state.outputs, caption=job.caption, record=record)
-                del state.twins[twin]
-
-    def reconcile(self, state: InboxState) -> None:
-        """Give done jobs of this inbox the sidecars they lack (a worker died after storing)."""
-        self._finish_twins(state)
-        outputs = state.outputs
-        if not (outputs.txt or outputs.json):
-            return
-        # The worker writes a job's sidecars right after storing it; only a job done for longer
-        # than the grace is one whose worker died in between. A younger one may be in the middle
-        # of its move, and two finishers of one image race each other.
-        cutoff = utcnow() - timedelta(seconds=self.sidecar_grace)
-        with Session(self.engine) as session:
-            jobs = session.exec(
-                select(Job.id, Job.path).where(
-                    col(Job.path).startswith(str(state.root) + os.sep),
-                    Job.status == JobStatus.done.value,
-                    col(Job.finished_at) < cutoff,
-                )
-            ).all()
-        for job_id, path in jobs:
-            image = Path(path)
-            if not image.exists() or not state.is_candidate(image):
-                continue
-            missing = (outputs.txt and not has_sidecar(image, ".txt")) or (
-                outputs.json and not has_sidecar(image, ".json")
-            )
-            if missing:
-                assert job_id is not None
-                finish_job_outputs(self.engine, job_id)
-
     def heartbeat(self) -> None:
-        """Renew every inbox lock (on the lock thread); one found taken over stops the watcher."""
-        for state in self.states:
-            lock = self.locks.get(state.root)
-            if lock is None:
-                continue
-            counters = {"seen": state.seen, "queued": state.queued, "waiting": len(state.pending)}
-            if not leases.renew(self.engine, lock, submission_id=state.submission_id, **counters):
-                log.error("%s: another watcher took this inbox's lock over; stopping", state.root)
-                self.locks.pop(state.root, None)
-                self.lost_lock = state.root
-                self.stop()
+        """Renew every inbox lock now (the lock thread does so every `HEARTBEAT_S`)."""
+        self.locks.heartbeat()
