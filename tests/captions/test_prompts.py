@@ -3,12 +3,10 @@ JSON vocabulary directly (or written out by hand), never by calling the code und
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,13 +16,10 @@ from joycap_queue.captions.prompts import (
     LENGTHS,
     PROFILES,
     CaptionOptions,
-    WeightedPrompt,
     build_prompt,
     caption_types,
     describe_extra_options,
-    draw_prompt,
     extra_option_texts,
-    parse_prompt_file,
     profile_for_model,
     resolve_caption_type,
     resolve_extra,
@@ -34,6 +29,7 @@ from joycap_queue.captions.prompts import (
     vocabulary,
 )
 from joycap_queue.errors import OptionError
+from tests.support.prompts import option_error as _raises
 
 JSON_PATH = Path(__file__).resolve().parents[2] / "joycap_queue" / "data" / "joycaption-prompts.json"
 with JSON_PATH.open(encoding="utf-8") as _f:
@@ -56,10 +52,6 @@ def expected_prompt(profile: str, caption_type: str, length: str, extra=(), name
     if extra:
         text += " " + " ".join(vocab["extra_options"][i] for i in extra)
     return text.format(name=name, length=length, word_count=length)
-
-
-def seeds(count: int) -> list[str]:
-    return [hashlib.sha256(str(i).encode()).hexdigest() for i in range(count)]
 
 
 # --- vocabulary ---------------------------------------------------------------------------------
@@ -307,16 +299,6 @@ def test_profile_for_model(model: str, profile: str) -> None:
     assert profile_for_model(model) == profile
 
 
-def _raises(field: str, call, *must_mention: str) -> str:
-    with pytest.raises(OptionError) as info:
-        call()
-    assert info.value.field == field
-    message = str(info.value)
-    for text in must_mention:
-        assert text in message, (text, message)
-    return message
-
-
 def test_unknown_caption_type() -> None:
     message = _raises(
         "caption_type",
@@ -371,97 +353,3 @@ def test_unknown_profile() -> None:
     _raises("profile", lambda: resolve_profile("gamma"), "alpha-two", "beta-one")
     _raises("profile", lambda: build_prompt("gamma", CaptionOptions()), "alpha-two", "beta-one")
     _raises("profile", lambda: caption_types("gamma"), "beta-one")
-
-
-# --- prompt files -------------------------------------------------------------------------------
-
-
-def _write(tmp_path: Path, content: str, name: str = "prompts.json") -> Path:
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    return path
-
-
-def test_prompt_file_of_strings(tmp_path: Path) -> None:
-    path = _write(tmp_path, json.dumps(["Describe it.", "  Tag it {now}.  "]))
-    assert parse_prompt_file(path) == [
-        WeightedPrompt("Describe it.", 1.0),
-        WeightedPrompt("Tag it {now}.", 1.0),
-    ]
-    assert parse_prompt_file(str(path)) == parse_prompt_file(path)
-
-
-def test_prompt_file_of_weighted_objects(tmp_path: Path) -> None:
-    path = _write(tmp_path, json.dumps([{"prompt": "A", "weight": 2}, {"prompt": "B", "weight": 0.5}]))
-    assert parse_prompt_file(path) == [WeightedPrompt("A", 2.0), WeightedPrompt("B", 0.5)]
-
-
-def test_prompt_file_mixed(tmp_path: Path) -> None:
-    path = _write(tmp_path, json.dumps(["A", {"prompt": "B"}, {"prompt": "C", "weight": 0}]))
-    assert parse_prompt_file(path) == [
-        WeightedPrompt("A", 1.0),
-        WeightedPrompt("B", 1.0),
-        WeightedPrompt("C", 0.0),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("content", "mention"),
-    [
-        ('["a", ', "JSON"),
-        ("not json", "JSON"),
-        ('{"prompt": "a"}', "list"),
-        ('"a"', "list"),
-        ("[]", "no prompts"),
-        ('["a", 5]', "#2"),
-        ('["a", null]', "#2"),
-        ('["a", ""]', "#2"),
-        ('["a", {"weight": 1}]', "#2"),
-        ('["a", {"prompt": 3}]', "#2"),
-        ('["a", {"prompt": "  "}]', "#2"),
-        ('["a", {"prompt": "b", "weight": "2"}]', "#2"),
-        ('["a", {"prompt": "b", "weight": true}]', "#2"),
-        ('["a", {"prompt": "b", "weight": NaN}]', "#2"),
-        ('["a", {"prompt": "b", "weigth": 2}]', "weigth"),
-        ('["a", {"prompt": "b", "weight": -1}]', "negative"),
-        ('[{"prompt": "a", "weight": 0}, {"prompt": "b", "weight": 0}]', "weight"),
-    ],
-)
-def test_invalid_prompt_file(tmp_path: Path, content: str, mention: str) -> None:
-    path = _write(tmp_path, content, "bad-prompts.json")
-    message = _raises("prompt_file", lambda: parse_prompt_file(path), "bad-prompts.json", mention)
-    assert "\n" not in message
-
-
-def test_unreadable_prompt_file(tmp_path: Path) -> None:
-    _raises("prompt_file", lambda: parse_prompt_file(tmp_path / "missing.json"), "missing.json")
-    _raises("prompt_file", lambda: parse_prompt_file(tmp_path), str(tmp_path))
-    binary = tmp_path / "binary.json"
-    binary.write_bytes(b"\xff\xfe\x00[")
-    _raises("prompt_file", lambda: parse_prompt_file(binary), "binary.json")
-
-
-def test_draw_is_deterministic_per_seed() -> None:
-    prompts = [WeightedPrompt(p) for p in "ABCDEFGH"]
-    for seed in seeds(20):
-        first = draw_prompt(prompts, seed)
-        assert all(draw_prompt(prompts, seed) == first for _ in range(3))
-    assert len({draw_prompt(prompts, seed) for seed in seeds(50)}) > 1
-
-
-def test_draw_never_picks_weight_zero() -> None:
-    prompts = [WeightedPrompt("zero-first", 0), WeightedPrompt("A", 1), WeightedPrompt("zero", 0.0)]
-    drawn = Counter(draw_prompt(prompts, seed) for seed in seeds(200))
-    assert drawn == Counter({"A": 200})
-
-
-def test_draw_follows_weights() -> None:
-    prompts = [WeightedPrompt("light", 1), WeightedPrompt("heavy", 3)]
-    drawn = Counter(draw_prompt(prompts, seed) for seed in seeds(400))
-    assert drawn["light"] > 0
-    assert drawn["heavy"] > 2 * drawn["light"]
-
-
-def test_draw_from_nothing_is_an_error() -> None:
-    _raises("prompt_file", lambda: draw_prompt([], "seed"))
-    _raises("prompt_file", lambda: draw_prompt([WeightedPrompt("a", 0)], "seed"))
