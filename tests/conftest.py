@@ -3,32 +3,26 @@
 Nothing here is a mock: Redis is a `redis-server` child process on a free port, the database is a
 SQLite file or a schema of its own in the PostgreSQL on 127.0.0.1:5432 (or, where none answers
 there, in a PostgreSQL the session starts itself: tests/support/postgres_server.py), and a worker is
-`joycap-queue worker` in a subprocess running the tiny model through transformers.
+`joycap-queue worker` in a subprocess running the tiny model through transformers. The helpers the
+tests share (Service, Worker, wait_until, jobs_in, images, datasets) are modules of tests/support/.
 """
 
 from __future__ import annotations
 
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, text
 
-from joycap_queue.config import Settings
-from joycap_queue.messaging.app import queues_key
 from joycap_queue.ops.services import RedisServer, start_redis
 from joycap_queue.store import engines
 from tests.support import postgres_server
+from tests.support.images import make_images
 from tests.support.postgres_server import answers, start_postgres
+from tests.support.services import TEST_MAX_NEW_TOKENS, Service, Worker
 
 # Read when huggingface_hub is first imported, so set before any test module imports transformers.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,19 +30,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # JOYCAP_TEST_OWN_POSTGRES=1 starts the tests' own server even where 5432 answers (to test that path).
 OWN_POSTGRES = os.environ.get("JOYCAP_TEST_OWN_POSTGRES") == "1"
-# Small generations keep the end-to-end tests quick; the code path is the same as for 256 tokens.
-TEST_MAX_NEW_TOKENS = "12"
-
-
-def wait_until(
-    predicate: Callable[[], bool], *, timeout: float, interval: float = 0.1, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
 
 
 @pytest.fixture(scope="session")
@@ -86,18 +67,6 @@ def postgres_base_url() -> Iterator[str]:
     server.stop()
 
 
-def postgres_address(url: str) -> tuple[str, int]:
-    """(host, port) of a PostgreSQL URL: where a test's proxy forwards to."""
-    parsed = make_url(url)
-    return parsed.host or "127.0.0.1", parsed.port or 5432
-
-
-def through(url: str, port: int) -> str:
-    """``url`` with its server's port replaced by ``port`` (a proxy in front of it)."""
-    host, real = postgres_address(url)
-    return url.replace(f"{host}:{real}", f"127.0.0.1:{port}", 1)
-
-
 @pytest.fixture
 def postgres_url(postgres_base_url: str) -> Iterator[str]:
     """A schema of its own in the `test` database, dropped afterwards."""
@@ -116,75 +85,6 @@ def postgres_url(postgres_base_url: str) -> Iterator[str]:
 def database_url(request: pytest.FixtureRequest) -> str:
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return str(request.getfixturevalue(name))
-
-
-@dataclass
-class Service:
-    """The environment a set of CLI calls and workers share: broker, database, queue, model."""
-
-    env: dict[str, str]
-    tmp: Path
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "joycap_queue", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def settings(self) -> Settings:
-        """The settings a CLI call or a worker of this service runs with."""
-        env = self.env
-        return Settings(
-            broker_url=env["JOYCAP_BROKER_URL"],
-            database_url=env["JOYCAP_DATABASE_URL"],
-            queue=env["JOYCAP_QUEUE"],
-            model=env["JOYCAP_MODEL"],
-            max_new_tokens=int(env["JOYCAP_MAX_NEW_TOKENS"]),
-            data_dir=Path(env["JOYCAP_DATA_DIR"]),
-        )
-
-    def start_worker(self, *args: str, name: str = "w1") -> Worker:
-        log_path = self.tmp / f"worker-{name}.log"
-        log = log_path.open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "joycap_queue", "worker", "--hostname", f"{name}@%h", *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        worker = Worker(process, log_path)
-        wait_until(worker.ready, timeout=120, interval=0.2, what=f"worker {name} to be ready")
-        return worker
-
-
-@dataclass
-class Worker:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-        return " ready." in self.log()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 @pytest.fixture
@@ -227,70 +127,6 @@ def service_for(
         worker.stop()
 
 
-FORMATS = [
-    ("jpg", "JPEG"),
-    ("png", "PNG"),
-    ("webp", "WEBP"),
-    ("bmp", "BMP"),
-    ("gif", "GIF"),
-    ("tiff", "TIFF"),
-]
-
-
-def make_images(root: Path, count: int, *, seed: int = 0) -> list[Path]:
-    """`count` distinct images of mixed formats, sizes and modes, some in nested folders."""
-    rng = random.Random(seed)
-    paths = []
-    for i in range(count):
-        ext, fmt = FORMATS[i % len(FORMATS)]
-        folder = root / ("nested/deeper" if i % 5 == 0 else "nested" if i % 3 == 0 else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        size = (rng.randint(16, 700), rng.randint(16, 500))
-        image = Image.new("RGB", size, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-        image.putpixel((0, 0), (i % 256, (i * 7) % 256, (i * 13) % 256))
-        if fmt == "PNG" and i % 2 == 0:
-            image = image.convert("RGBA")
-        path = folder / f"image {i:03d}.{ext}"
-        image.save(path, fmt)
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture
 def image_factory() -> Callable[..., list[Path]]:
     return make_images
-
-
-def caption_queues(settings: Settings) -> list[str]:
-    """The Redis lists holding this service's waiting caption messages: the shared queue and
-    every model queue under it (jobs are routed by model)."""
-    import redis
-
-    client = redis.Redis.from_url(settings.broker_url)
-    try:
-        members = sorted(m.decode() for m in client.smembers(queues_key(settings.queue)))
-    finally:
-        client.close()
-    return [settings.queue, *members]
-
-
-def drop_messages(settings: Settings) -> None:
-    """What Redis losing its queues does: every waiting caption message gone."""
-    import redis
-
-    client = redis.Redis.from_url(settings.broker_url)
-    try:
-        client.delete(*caption_queues(settings))
-    finally:
-        client.close()
-
-
-def message_count(settings: Settings) -> int:
-    """Waiting caption messages in every queue of this service."""
-    import redis
-
-    client = redis.Redis.from_url(settings.broker_url)
-    try:
-        return sum(int(client.llen(queue)) for queue in caption_queues(settings))
-    finally:
-        client.close()

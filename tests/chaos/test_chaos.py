@@ -18,9 +18,9 @@ import pytest
 
 from joycap_queue.ops.services import start_redis
 from joycap_queue.results.sidecars import sidecar_path
-from tests.conftest import Service, Worker, wait_until
-from tests.intake.test_bad_images import make_odd_images
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.images import make_odd_images
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, Worker, wait_until
 
 GOOD = 200
 

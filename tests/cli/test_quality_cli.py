@@ -23,7 +23,7 @@ from joycap_queue.cli.inspect import quality_line
 from joycap_queue.results.sidecars import OutputOptions, finish_job_outputs, outputs_missing, sidecar_record
 from joycap_queue.store import engines
 from joycap_queue.store.models import Job, Submission, utcnow
-from tests.conftest import Service, message_count
+from tests.support.services import Service, message_count
 
 # name → (submission, status, quality, caption, raw caption); "a2" is a second prompt of a.jpg.
 ROWS: dict[str, tuple[int, str, str | None, str | None, str | None]] = {

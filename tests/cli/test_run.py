@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, wait_until
 
 
 def test_caption_command_matches_the_worker(

@@ -12,12 +12,11 @@ import datasets
 import pandas as pd
 import pytest
 from PIL import Image
-from sqlmodel import Session, select
 
-from joycap_queue.store import engines
-from joycap_queue.store.models import DatasetRow, Job
-from tests.conftest import Service, wait_until
+from tests.support.datasets import build_dataset, dataset_service, image_bytes
 from tests.support.hostile_images import jpeg_claiming, png_claiming
+from tests.support.jobs import all_finished, jobs_in, rows_in
+from tests.support.services import Service, wait_until
 
 # Rows 1 and 4 hold the same image with the same name: one job captions both rows. The ids are
 # not in sorted order, so an export that sorted by name instead of keeping the row order shows.
@@ -29,57 +28,6 @@ ROWS = [
     ("alpha-copy.png", 1, "Bob"),
     ("omega.png", 5, ""),
 ]
-
-
-def image_bytes(seed: int, fmt: str = "PNG") -> bytes:
-    image = Image.new("RGB", (48 + seed * 8, 40), (seed * 40 % 256, 90, 200 - seed * 20))
-    image.putpixel((0, 0), (seed, seed, seed))
-    out = io.BytesIO()
-    image.save(out, fmt)
-    return out.getvalue()
-
-
-def build_dataset(rows: list[tuple[str, int, str | None]]) -> datasets.Dataset:
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "im_name": datasets.Value("string"),
-            "character": datasets.Value("string"),
-        }
-    )
-    return datasets.Dataset.from_dict(
-        {
-            "image": [{"bytes": image_bytes(seed), "path": None} for _, seed, _ in rows],
-            "im_name": [name for name, _, _ in rows],
-            "character": [character for _, _, character in rows],
-        },
-        features=features,
-    )
-
-
-def dataset_service(service_for: Callable[[str], Service], database_url: str, tmp_path: Path) -> Service:
-    service = service_for(database_url)
-    # The parquet and imagefolder loaders write a cache; keep it out of the home folder.
-    service.env["HF_DATASETS_CACHE"] = str(tmp_path / "hf-cache")
-    return service
-
-
-def jobs_in(database_url: str) -> list[Job]:
-    with Session(engines.get_engine(database_url)) as session:
-        return list(session.exec(select(Job).order_by(Job.id)))
-
-
-def rows_in(database_url: str) -> list[DatasetRow]:
-    with Session(engines.get_engine(database_url)) as session:
-        return list(session.exec(select(DatasetRow).order_by(DatasetRow.row_index)))
-
-
-def all_done(database_url: str, count: int) -> Callable[[], bool]:
-    def check() -> bool:
-        jobs = jobs_in(database_url)
-        return len(jobs) == count and all(job.status in ("done", "failed") for job in jobs)
-
-    return check
 
 
 def test_dataset_in_captioned_dataset_out(
@@ -94,7 +42,7 @@ def test_dataset_in_captioned_dataset_out(
         "submit-dataset", str(source), "--name-column", "character", "--greedy", "-l", "short"
     )
     assert "queued 5" in first.stdout and "(6 rows)" in first.stdout, first.stdout
-    wait_until(all_done(database_url, 5), timeout=180, what="5 jobs to finish")
+    wait_until(all_finished(database_url, 5), timeout=180, what="5 jobs to finish")
 
     jobs = jobs_in(database_url)
     assert all(job.status == "done" and job.caption for job in jobs), [(j.path, j.error) for j in jobs]
@@ -140,7 +88,7 @@ def test_dataset_in_captioned_dataset_out(
     build_dataset(grown).save_to_disk(str(source))
     more = service.cli("submit-dataset", str(source), "--name-column", "character", "--greedy", "-l", "short")
     assert "queued 2" in more.stdout and "already captioned 6" in more.stdout, more.stdout
-    wait_until(all_done(database_url, 7), timeout=120, what="the new rows to be captioned")
+    wait_until(all_finished(database_url, 7), timeout=120, what="the new rows to be captioned")
     out2 = tmp_path / "captioned-2"
     service.cli("export", "--format", "hf-dataset", "--source", str(source), "-o", str(out2))
     regrown = datasets.load_from_disk(str(out2))

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from joycap_queue.results.sidecars import sidecar_path
-from tests.conftest import Service, wait_until
 from tests.support.hostile_images import write_hostile
+from tests.support.services import Service, wait_until
 from tests.support.watching import (
     RunningWatcher,
     all_done,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from joycap_queue.config import DEFAULT_MODEL
 from joycap_queue.messaging.app import make_celery, model_queue, send_caption_jobs
-from tests.conftest import Service, caption_queues, message_count, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, caption_queues, message_count, wait_until
 
 
 def test_a_worker_with_another_model_leaves_the_jobs_alone(

@@ -33,9 +33,9 @@ from joycap_queue.ops.services import start_redis
 from joycap_queue.recovery.requeue import job_ids_in_broker
 from joycap_queue.store import engines, jobstate
 from joycap_queue.store.models import Job
-from tests.conftest import Service, postgres_address, through, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
 from tests.support.netproxy import CuttableProxy
+from tests.support.services import Service, postgres_address, through, wait_until
 from tests.support.watching import png_bytes
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from joycap_queue.ops.services import free_port, redis_reachable
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, wait_until
 
 USER, PASSWORD = "captioner", "flower-secret-pw"
 

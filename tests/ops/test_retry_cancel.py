@@ -8,13 +8,14 @@ from pathlib import Path
 
 from PIL import Image
 from sqlalchemy import update
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from joycap_queue.config import DEFAULT_MODEL, Settings
 from joycap_queue.messaging.app import make_celery, send_caption_jobs
 from joycap_queue.store import engines
 from joycap_queue.store.models import Job, utcnow
-from tests.conftest import Service, message_count, wait_until
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, message_count, wait_until
 
 
 def flat_images(folder: Path, count: int, *, seed: int) -> list[Path]:
@@ -25,11 +26,6 @@ def flat_images(folder: Path, count: int, *, seed: int) -> list[Path]:
         Image.new("RGB", (32 + i, 24), (seed * 50 % 256, i * 40, 120)).save(path)
         paths.append(path)
     return paths
-
-
-def jobs_in(database_url: str) -> list[Job]:
-    with Session(engines.get_engine(database_url)) as session:
-        return list(session.exec(select(Job).order_by(Job.id)))
 
 
 def queue_length(service: Service) -> int:

@@ -17,9 +17,9 @@ from joycap_queue.config import Settings, mask_url, settings_environment
 from joycap_queue.messaging.app import CAPTION_TASK, make_celery, send_caption_jobs
 from joycap_queue.store import engines, jobstate
 from joycap_queue.store.models import Job, utcnow
-from tests.conftest import Service, drop_messages, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
-from tests.worker.test_gpus import children_of, environ_of
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.processes import children_of, environ_of
+from tests.support.services import Service, drop_messages, wait_until
 
 
 def job_row(path: str, key: str) -> dict[str, object]:

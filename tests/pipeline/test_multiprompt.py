@@ -17,9 +17,9 @@ import pytest
 from joycap_queue.config import Settings
 from joycap_queue.errors import OptionError
 from joycap_queue.intake.watch.config import load_watch_config
-from tests.conftest import Service, wait_until
-from tests.intake.test_datasets import build_dataset, dataset_service, rows_in
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.datasets import build_dataset, dataset_service
+from tests.support.jobs import all_finished, jobs_in, rows_in
+from tests.support.services import Service, wait_until
 from tests.support.watching import RunningWatcher, png_bytes, watchers
 
 A = "Describe the colours of this image."

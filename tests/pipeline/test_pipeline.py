@@ -6,25 +6,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlmodel import Session, select
-
 from joycap_queue.captions import prompts
-from joycap_queue.store import engines
-from joycap_queue.store.models import Job
-from tests.conftest import Service, wait_until
-
-
-def jobs_in(database_url: str) -> list[Job]:
-    with Session(engines.get_engine(database_url)) as session:
-        return list(session.exec(select(Job).order_by(Job.id)))
-
-
-def all_finished(database_url: str, expected: int) -> Callable[[], bool]:
-    def check() -> bool:
-        jobs = jobs_in(database_url)
-        return len(jobs) == expected and all(job.status in ("done", "failed") for job in jobs)
-
-    return check
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, wait_until
 
 
 def test_submit_folder_end_to_end(

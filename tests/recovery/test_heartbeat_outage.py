@@ -14,9 +14,9 @@ from sqlmodel import Session, select
 
 from joycap_queue.store import engines
 from joycap_queue.store.models import Endpoint
-from tests.conftest import Service, postgres_address, through, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
 from tests.support.netproxy import CuttableProxy
+from tests.support.services import Service, postgres_address, through, wait_until
 
 HEARTBEAT_S = 1.0  # stale after 4 beats: 4 s
 OUTAGE_S = 8.0  # twice the stale time

@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from joycap_queue.recovery.requeue import job_ids_in_broker
-from tests.conftest import Service, Worker, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, Worker, wait_until
 
 HEARTBEAT = "0.5"  # dead after 2 s without a beat
 

@@ -16,8 +16,8 @@ from joycap_queue.messaging.app import make_celery, send_caption_jobs
 from joycap_queue.recovery.requeue import job_ids_in_broker
 from joycap_queue.store import engines, jobstate
 from joycap_queue.store.models import Endpoint, Job, utcnow
-from tests.conftest import Service, drop_messages, message_count, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, drop_messages, message_count, wait_until
 
 HEARTBEAT = "0.5"  # dead after 2 s without a beat; a full sweep every 6 s
 

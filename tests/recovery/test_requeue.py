@@ -12,8 +12,8 @@ from sqlmodel import Session
 from joycap_queue.recovery.requeue import job_ids_in_broker, requeue_lost
 from joycap_queue.store import engines
 from joycap_queue.store.models import Job, utcnow
-from tests.conftest import Service, drop_messages, message_count, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, drop_messages, message_count, wait_until
 
 
 def test_requeue_sends_only_what_redis_lost(

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from joycap_queue.recovery.requeue import job_ids_in_broker
-from tests.conftest import Service, Worker, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.services import Service, Worker, wait_until
 
 
 def running(database_url: str, count: int) -> Callable[[], bool]:

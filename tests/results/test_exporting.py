@@ -29,7 +29,7 @@ from joycap_queue.results.export import RECORD_FIELDS
 from joycap_queue.results.sidecars import sidecar_path
 from joycap_queue.store import engines, jobstate, queries
 from joycap_queue.store.models import JobPublic
-from tests.conftest import Service
+from tests.support.services import Service
 
 
 def make_image(path: Path, seed: int) -> Path:

@@ -12,8 +12,8 @@ from sqlmodel import Session, col, select
 
 from joycap_queue.store import engines
 from joycap_queue.store.models import Endpoint
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, wait_until
 
 HEARTBEAT = "0.5"  # dead after 2 s without a beat
 

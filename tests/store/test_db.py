@@ -12,25 +12,7 @@ from sqlmodel import Session, col
 from joycap_queue.errors import OptionError, ServiceUnavailable
 from joycap_queue.store import engines, jobstate, queries
 from joycap_queue.store.models import Job
-
-
-def row(key: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "path": f"/images/{key}.jpg",
-        "content_hash": key.ljust(64, "0"),
-        "profile": "beta-one",
-        "prompt": "Write a long detailed description for this image.",
-        "model": "m",
-        "dedup_key": key,
-        **extra,
-    }
-
-
-def insert(url: str, *keys: str) -> dict[str, int]:
-    with Session(engines.get_engine(url)) as session:
-        inserted = jobstate.insert_jobs(session, [row(k) for k in keys])
-        session.commit()
-    return inserted
+from tests.support.jobs import insert
 
 
 def test_insert_skips_known_dedup_keys(database_url: str) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Service, postgres_address, through, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
 from tests.support.netproxy import CuttableProxy
+from tests.support.services import Service, postgres_address, through, wait_until
 
 
 @pytest.mark.postgres

@@ -13,7 +13,7 @@ from sqlmodel import col
 from joycap_queue.errors import JoycapError
 from joycap_queue.store import engines, leases
 from joycap_queue.store.models import Watcher
-from tests.conftest import Service, wait_until
+from tests.support.services import Service, wait_until
 from tests.support.watching import RunningWatcher, watchers
 
 

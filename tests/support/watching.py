@@ -18,7 +18,7 @@ from joycap_queue.intake.watch.watcher import FolderWatcher
 from joycap_queue.results.sidecars import sidecar_path
 from joycap_queue.store import engines
 from joycap_queue.store.models import Job, Submission
-from tests.conftest import Service, wait_until
+from tests.support.services import Service, wait_until
 
 SETTLE = 1.0
 

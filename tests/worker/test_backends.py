@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from joycap_queue.config import Settings
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
 from tests.support.openai_server import openai_server
+from tests.support.services import Service, wait_until
 from worker.backends import ModelLoadError, make_backend
 from worker.backends.base import CaptionInput, GenerationParams, squish_resize
 from worker.backends.null import NULL_CAPTION, NullBackend

@@ -17,27 +17,10 @@ import pytest
 from joycap_queue.config import Settings
 from joycap_queue.errors import JoycapError
 from joycap_queue.ops.gpus import visible_gpus
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import all_finished, jobs_in
+from tests.support.jobs import all_finished, jobs_in
+from tests.support.processes import children_of, environ_of
+from tests.support.services import Service, wait_until
 from worker.gpus import node_name, resolve_gpus
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def environ_of(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
 def test_gpu_lists(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from sqlmodel import Session
 
 from joycap_queue.store import engines, jobstate
 from joycap_queue.store.models import Job
-from tests.conftest import wait_until
-from tests.store.test_db import insert
+from tests.support.jobs import insert
+from tests.support.services import wait_until
 from worker.completions import CompletionWriter
 
 

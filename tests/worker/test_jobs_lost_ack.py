@@ -20,8 +20,8 @@ from sqlmodel import Session
 from joycap_queue.ops.services import free_port
 from joycap_queue.store import engines, jobstate
 from joycap_queue.store.models import Job
-from tests.conftest import postgres_address, through
-from tests.store.test_db import insert
+from tests.support.jobs import insert
+from tests.support.services import postgres_address, through
 from worker.completions import CompletionWriter
 
 pytestmark = pytest.mark.postgres

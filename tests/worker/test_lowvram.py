@@ -15,8 +15,8 @@ import torch
 
 from joycap_queue.captions.modelspec import ModelSpec, spec_of
 from joycap_queue.messaging.app import model_queue
-from tests.conftest import Service, message_count, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, message_count, wait_until
 from worker.model.lora import build_lora_adapter
 
 

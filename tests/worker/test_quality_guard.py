@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, wait_until
 
 
 def build_looping_model(tiny: Path, out: Path) -> tuple[Path, str]:

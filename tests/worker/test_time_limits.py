@@ -15,8 +15,8 @@ import pytest
 
 from joycap_queue.captions.prompts import CaptionOptions
 from joycap_queue.intake.enqueue import CaptionRequest, enqueue_images
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, wait_until
 from worker.batcher import EXIT_OVERRUN
 
 RUNAWAY = {"greedy": True, "max_new_tokens": 20_000, "min_new_tokens": 20_000}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import Service, wait_until
-from tests.pipeline.test_pipeline import jobs_in
+from tests.support.jobs import jobs_in
+from tests.support.services import Service, wait_until
 
 
 def test_deliveries_taken_along_are_captioned_once_and_all_acked(
