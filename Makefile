@@ -29,8 +29,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Test processes side by side (pytest-xdist); each starts its own redis-server and tiny model.
+# worksteal: the long end-to-end tests would otherwise leave one process idle at the end.
+TEST_WORKERS ?= 2
+
 test: lint typecheck
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench
