@@ -316,6 +316,9 @@ def queued_and_sent(database_url: str, settings: Settings, name: str) -> Callabl
     return check
 
 
+WAIT_S = 90  # two test processes share two cores; a met condition returns at once
+
+
 @pytest.mark.postgres
 def test_watch_waits_for_redis_and_postgres_and_goes_on(
     postgres_url: str,
@@ -349,25 +352,31 @@ def test_watch_waits_for_redis_and_postgres_and_goes_on(
 
             return check
 
-        wait_until(logged("watching"), timeout=30, what="the watcher")
+        wait_until(logged("watching"), timeout=WAIT_S, what="the watcher")
         own_redis.stop()
         (inbox / "during-redis.png").write_bytes(png_bytes(900))
-        wait_until(logged("waiting for it to come back"), timeout=30, what="the watcher to wait for Redis")
+        wait_until(
+            logged("waiting for it to come back"), timeout=WAIT_S, what="the watcher to wait for Redis"
+        )
         own_redis.restart()
         wait_until(
-            queued_and_sent(postgres_url, settings, "during-redis.png"), timeout=30, what="the held file"
+            queued_and_sent(postgres_url, settings, "during-redis.png"), timeout=WAIT_S, what="the held file"
         )
 
         proxy.cut()
         (inbox / "during-postgres.png").write_bytes(png_bytes(901))
         wait_until(
-            logged("waiting for it to come back", 2), timeout=30, what="the watcher to wait for PostgreSQL"
+            logged("waiting for it to come back", 2),
+            timeout=WAIT_S,
+            what="the watcher to wait for PostgreSQL",
         )
         proxy.resume()
         wait_until(
-            queued_and_sent(postgres_url, settings, "during-postgres.png"), timeout=30, what="the second file"
+            queued_and_sent(postgres_url, settings, "during-postgres.png"),
+            timeout=WAIT_S,
+            what="the second file",
         )
-        wait_until(logged("answer again; going on", 2), timeout=30, what="the watcher to say it goes on")
+        wait_until(logged("answer again; going on", 2), timeout=WAIT_S, what="the watcher to say it goes on")
     finally:
         watch.send_signal(signal.SIGTERM)
         code = watch.wait(timeout=30)
