@@ -46,20 +46,20 @@ def test_cancelled_jobs_leave_the_queue_and_workers_skip_them(
     flat_images(later, 4, seed=1)
     flat_images(now, 2, seed=2)
     service = service_for(database_url)
-    service.cli("submit", str(later), "--greedy")
-    service.cli("submit", str(now), "--greedy")
+    service.call("submit", str(later), "--greedy")
+    service.call("submit", str(now), "--greedy")
     assert queue_length(service) == 6
 
-    cancelled = service.cli("cancel", "--submission", "1")
+    cancelled = service.call("cancel", "--submission", "1")
     assert "cancelled 4 queued jobs" in cancelled.stdout, cancelled.stdout
     assert "removed 4 messages from the queue" in cancelled.stderr, cancelled.stderr
     assert queue_length(service) == 2
     assert statuses(database_url, later) == ["cancelled"] * 4
 
     # Submitting a cancelled image again queues it again; cancelling by path takes it off again.
-    resubmitted = service.cli("submit", str(later), "--greedy")
+    resubmitted = service.call("submit", str(later), "--greedy")
     assert "queued 4" in resubmitted.stdout, resubmitted.stdout
-    assert "cancelled 4" in service.cli("cancel", "--path", f"{later}/*").stdout
+    assert "cancelled 4" in service.call("cancel", "--path", f"{later}/*").stdout
     assert queue_length(service) == 2
 
     # Messages a worker already held when the jobs were cancelled: sent again here, they reach
@@ -80,11 +80,11 @@ def test_cancelled_jobs_leave_the_queue_and_workers_skip_them(
         if Path(job.path).parent == later:
             assert (job.status, job.attempts, job.caption, job.error) == ("cancelled", 0, None, "cancelled")
 
-    listed = service.cli("results", "--state", "cancelled", "--jsonl")
+    listed = service.call("results", "--state", "cancelled", "--jsonl")
     assert len(listed.stdout.splitlines()) == 4
-    assert "cancelled 0 queued jobs" in service.cli("cancel", "--path", "*/nowhere/*").stdout
+    assert "cancelled 0 queued jobs" in service.call("cancel", "--path", "*/nowhere/*").stdout
 
-    retried = service.cli("retry", "--state", "cancelled", "--path", f"{later}/*")
+    retried = service.call("retry", "--state", "cancelled", "--path", f"{later}/*")
     assert "queued 4 jobs again" in retried.stdout, retried.stdout
     wait_until(
         lambda: statuses(database_url, later) == ["done"] * 4, timeout=120, what="retried jobs to finish"
@@ -100,11 +100,11 @@ def test_retry_failed_jobs_with_changed_options(
     service = service_for(sqlite_url)
     tiny = service.env["JOYCAP_MODEL"]
     # One image is also captioned with the options the retry will ask for: that job exists already.
-    twin = service.cli("submit", str(images[0]), "-l", "20", "--max-new-tokens", "8")
+    twin = service.call("submit", str(images[0]), "-l", "20", "--max-new-tokens", "8")
     assert "queued 1" in twin.stdout
     # These ask for the real model: the tiny model's worker never takes them (they are routed to
     # that model's queue), so they wait until cancelled, then fail as cancelled jobs are retried.
-    service.cli("submit", str(tmp_path / "in"), "--model", DEFAULT_MODEL)
+    service.call("submit", str(tmp_path / "in"), "--model", DEFAULT_MODEL)
     service.start_worker()
 
     def failed() -> list[Job]:
@@ -125,10 +125,14 @@ def test_retry_failed_jobs_with_changed_options(
     before = {job.id: job for job in failed()}
     assert len(before) == 3
 
-    retried = service.cli("retry", "--model", tiny, "-l", "20", "--max-new-tokens", "8")
+    retried = service.call("retry", "--model", tiny, "-l", "20", "--max-new-tokens", "8")
     assert "queued 2 jobs again with the new options" in retried.stdout, retried.stdout
     assert "already has that request (done)" in retried.stderr, retried.stderr
-    wait_until(lambda: len(failed()) == 1, timeout=120, what="2 retried jobs to be captioned")
+    wait_until(
+        lambda: sorted(job.status for job in jobs_in(sqlite_url)) == ["done", "done", "done", "failed"],
+        timeout=120,
+        what="2 retried jobs to be captioned",
+    )
     jobs = {job.id: job for job in jobs_in(sqlite_url)}
     assert len(jobs) == 4
     for job_id, old in before.items():
@@ -150,25 +154,25 @@ def test_forget_asks_then_deletes_a_submission(
     flat_images(tmp_path / "a", 3, seed=3)
     flat_images(tmp_path / "b", 2, seed=4)
     service = service_for(sqlite_url)
-    service.cli("submit", str(tmp_path / "a"))
-    service.cli("submit", str(tmp_path / "b"))
+    service.call("submit", str(tmp_path / "a"))
+    service.call("submit", str(tmp_path / "b"))
     assert queue_length(service) == 5
 
     refused = service.cli("forget", "--submission", "1", check=False)
     assert refused.returncode == 1 and "Delete submission 1 and its 3 jobs (queued 3)" in refused.stderr
     assert len(jobs_in(sqlite_url)) == 5
 
-    forgotten = service.cli("forget", "--submission", "1", "--yes")
+    forgotten = service.call("forget", "--submission", "1", "--yes")
     assert "submission 1: deleted 3 jobs" in forgotten.stdout, forgotten.stdout
     assert [Path(job.path).parent.name for job in jobs_in(sqlite_url)] == ["b", "b"]
     assert queue_length(service) == 2
-    status = service.cli("status", "--submission", "1")
+    status = service.call("status", "--submission", "1")
     assert "(total 0)" in status.stdout
 
     unknown = service.cli("forget", "--submission", "99", "--yes", check=False)
     assert unknown.returncode == 1 and "no submission 99" in unknown.stderr
     # Forgotten images are new again.
-    assert "queued 3" in service.cli("submit", str(tmp_path / "a")).stdout
+    assert "queued 3" in service.call("submit", str(tmp_path / "a")).stdout
 
 
 def test_retry_and_force_clear_a_run_alone_mark_left_by_crashes(
@@ -179,7 +183,7 @@ def test_retry_and_force_clear_a_run_alone_mark_left_by_crashes(
     folder = tmp_path / "crashed"
     flat_images(folder, 3, seed=6)
     service = service_for(database_url)
-    service.cli("submit", str(folder))
+    service.call("submit", str(folder))
     engine = engines.get_engine(database_url)
 
     def crashed(status: str) -> None:
@@ -194,13 +198,13 @@ def test_retry_and_force_clear_a_run_alone_mark_left_by_crashes(
         return [(job.status, job.isolation, job.attempts) for job in jobs_in(database_url)]
 
     crashed("failed")
-    assert "queued 3 jobs again" in service.cli("retry").stdout
+    assert "queued 3 jobs again" in service.call("retry").stdout
     assert marks() == [("queued", 0, 0)] * 3
     crashed("failed")
-    assert "queued 3 jobs again with the new options" in service.cli("retry", "-l", "20").stdout
+    assert "queued 3 jobs again with the new options" in service.call("retry", "-l", "20").stdout
     assert marks() == [("queued", 0, 0)] * 3
     crashed("done")
-    assert "queued 3" in service.cli("submit", str(folder), "-l", "20", "--force").stdout
+    assert "queued 3" in service.call("submit", str(folder), "-l", "20", "--force").stdout
     assert marks() == [("queued", 0, 0)] * 3
     # Nothing keeps them apart now: one worker takes them together, each on one attempt.
     service.start_worker()
