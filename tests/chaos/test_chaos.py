@@ -49,6 +49,7 @@ def test_chaos(
         JOYCAP_WORKER_HEARTBEAT_S="0.5",
         JOYCAP_MAX_IMAGE_PIXELS=str(20_000_000),
     )
+    workers: dict[str, Worker] = {}
     try:
         good = image_factory(tmp_path / "good", GOOD)
         workers = {name: service.start_worker(name=name) for name in ("a", "b")}
@@ -81,7 +82,12 @@ def test_chaos(
             return len(jobs) == total and all(job.status in ("done", "failed") for job in jobs)
 
         wait_until(settled, timeout=240, interval=0.5, what="every job to finish")
+        for worker in workers.values():
+            assert worker.process.poll() is None
     finally:
+        # Workers first: without their broker they would spend their shutdown reconnecting.
+        for worker in workers.values():
+            worker.stop()
         redis.stop()
 
     jobs = jobs_in(postgres_url)
@@ -99,8 +105,6 @@ def test_chaos(
         # Bytes: a caption's \r must not be read as a newline.
         assert sidecar_path(path, ".txt").read_bytes().decode("utf-8") == job.caption, path.name
     assert {job.status for job in jobs} == {"done", "failed"}
-    for worker in workers.values():
-        assert worker.process.poll() is None
     print(
         f"chaos: {len(jobs)} jobs, {sum(j.status == 'done' for j in jobs)} done, "
         f"{sum(j.status == 'failed' for j in jobs)} failed, "
