@@ -87,7 +87,7 @@ def insert_rows(service: Service, folder: Path) -> dict[str, int]:
 
 
 def listed(service: Service, *args: str) -> list[int]:
-    return [record["id"] for record in json.loads(service.cli("results", "--json", *args).stdout)]
+    return [record["id"] for record in json.loads(service.call("results", "--json", *args).stdout)]
 
 
 def test_quality_filters_on_results_and_export(
@@ -113,7 +113,7 @@ def test_quality_filters_on_results_and_export(
     assert "'bogus' is not one of 'ok', 'flagged', 'junk', 'empty', 'repetitive'" in bad.stderr, bad.stderr
 
     out = tmp_path / "flagged.jsonl"
-    exported = service.cli("export", "--quality", "flagged", "-o", str(out))
+    exported = service.call("export", "--quality", "flagged", "-o", str(out))
     assert "exported 3 rows" in exported.stderr, exported.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(line["im_name"], line["quality"]) for line in lines] == [
@@ -123,7 +123,7 @@ def test_quality_filters_on_results_and_export(
     ]
     # By path, so a.jpg's two prompts come together (ids a, d, a2 would put d between them).
     ok = tmp_path / "ok.jsonl"
-    service.cli("export", "--quality", "ok", "-o", str(ok))
+    service.call("export", "--quality", "ok", "-o", str(ok))
     assert [json.loads(line)["id"] for line in ok.read_text().splitlines()] == [ids["a"], ids["a2"], ids["d"]]
 
 
@@ -136,17 +136,17 @@ def test_export_raw_gives_the_caption_before_clean_up(
 ) -> None:
     service = service_for(sqlite_url)
     insert_rows(service, tmp_path / "images")
-    cleaned = csv_captions(service.cli("export", "--quality", "truncated").stdout)
+    cleaned = csv_captions(service.call("export", "--quality", "truncated").stdout)
     assert cleaned == {"b.jpg": "cap b", "c.jpg": "cap c"}
-    raw = csv_captions(service.cli("export", "--quality", "truncated", "--raw").stdout)
+    raw = csv_captions(service.call("export", "--quality", "truncated", "--raw").stdout)
     # b kept its raw text; c had no rule set (no raw caption), so its caption is what there is.
     assert raw == {"b.jpg": "This image shows cap b", "c.jpg": "cap c"}
     out = tmp_path / "raw.jsonl"
-    service.cli("export", "--raw", "--quality", "truncated", "-o", str(out))
+    service.call("export", "--raw", "--quality", "truncated", "-o", str(out))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["caption"] for line in lines] == ["This image shows cap b", "cap c"]
     parquet = tmp_path / "raw.parquet"
-    service.cli("export", "--raw", "--quality", "truncated", "-o", str(parquet))
+    service.call("export", "--raw", "--quality", "truncated", "-o", str(parquet))
     import pyarrow.parquet as pq
 
     table = pq.read_table(parquet).to_pylist()
@@ -161,12 +161,12 @@ def test_status_counts_captions_by_flag(
 ) -> None:
     service = service_for(sqlite_url)
     insert_rows(service, tmp_path / "images")
-    everything = service.cli("status").stdout
+    everything = service.call("status").stdout
     assert (
         "quality: 3 ok (1 from before the quality guard), 3 flagged (truncated 2, junk 1, repetitive 1)"
         in everything.splitlines()
     ), everything
-    first = service.cli("status", "--submission", "1").stdout
+    first = service.call("status", "--submission", "1").stdout
     assert (
         "quality: 3 ok (1 from before the quality guard), 2 flagged (truncated 2, repetitive 1)"
         in first.splitlines()
@@ -200,7 +200,7 @@ def test_retry_quality_captions_flagged_done_jobs_again(
     assert mixed.returncode == 2 and "leave out --state" in mixed.stderr, mixed.stderr
     assert service.cli("retry", "--quality", "ok", check=False).returncode == 2  # not a choice
 
-    retried = service.cli("retry", "--quality", "flagged", "--submission", "1")
+    retried = service.call("retry", "--quality", "flagged", "--submission", "1")
     assert "queued 2 jobs again" in retried.stdout, retried.stdout
     assert message_count(service.settings()) == 2
     after = rows_by_name(service, ids)
@@ -223,7 +223,7 @@ def test_retry_quality_captions_flagged_done_jobs_again(
         )
 
     # With a changed option, each flagged job gets the new request in its own row.
-    changed = service.cli("retry", "--quality", "junk", "--temperature", "0.3")
+    changed = service.call("retry", "--quality", "junk", "--temperature", "0.3")
     assert "queued 1 jobs again with the new options" in changed.stdout, changed.stdout
     assert message_count(service.settings()) == 3
     f = rows_by_name(service, ids)["f"]

@@ -38,7 +38,7 @@ def test_dataset_in_captioned_dataset_out(
     service = dataset_service(service_for, database_url, tmp_path)
     service.start_worker()
 
-    first = service.cli(
+    first = service.call(
         "submit-dataset", str(source), "--name-column", "character", "--greedy", "-l", "short"
     )
     assert "queued 5" in first.stdout and "(6 rows)" in first.stdout, first.stdout
@@ -58,7 +58,7 @@ def test_dataset_in_captioned_dataset_out(
     assert [by_row[i].row_key for i in range(6)] == [name for name, _, _ in ROWS]
 
     out = tmp_path / "captioned"
-    service.cli("export", "--format", "hf-dataset", "--source", str(source), "-o", str(out))
+    service.call("export", "--format", "hf-dataset", "--source", str(source), "-o", str(out))
     captioned = datasets.load_from_disk(str(out))
     assert captioned.column_names == ["image", "im_name", "character", "joy-caption"]
     assert captioned["im_name"] == [name for name, _, _ in ROWS]
@@ -68,7 +68,7 @@ def test_dataset_in_captioned_dataset_out(
     assert captioned[2]["image"].size == Image.open(io.BytesIO(image_bytes(2))).size
 
     csv_path = tmp_path / "captions.csv"
-    service.cli("export", "--source", str(source), "-o", str(csv_path), "--columns", "prompt,model")
+    service.call("export", "--source", str(source), "-o", str(csv_path), "--columns", "prompt,model")
     exported = pd.read_csv(csv_path, keep_default_na=False)
     assert list(exported.columns) == ["im_name", "joy-caption", "prompt", "model"]
     joined = (
@@ -79,18 +79,20 @@ def test_dataset_in_captioned_dataset_out(
     assert list(exported["im_name"]) == [name for name, _, _ in ROWS]
 
     # Submitting again queues nothing; two new rows are all that a grown dataset queues.
-    again = service.cli(
+    again = service.call(
         "submit-dataset", str(source), "--name-column", "character", "--greedy", "-l", "short"
     )
     assert "queued 0" in again.stdout and "already captioned 6" in again.stdout, again.stdout
     grown = ROWS + [("new-1.png", 7, "Alice"), ("new-2.png", 8, None)]
     shutil.rmtree(source)
     build_dataset(grown).save_to_disk(str(source))
-    more = service.cli("submit-dataset", str(source), "--name-column", "character", "--greedy", "-l", "short")
+    more = service.call(
+        "submit-dataset", str(source), "--name-column", "character", "--greedy", "-l", "short"
+    )
     assert "queued 2" in more.stdout and "already captioned 6" in more.stdout, more.stdout
     wait_until(all_finished(database_url, 7), timeout=120, what="the new rows to be captioned")
     out2 = tmp_path / "captioned-2"
-    service.cli("export", "--format", "hf-dataset", "--source", str(source), "-o", str(out2))
+    service.call("export", "--format", "hf-dataset", "--source", str(source), "-o", str(out2))
     regrown = datasets.load_from_disk(str(out2))
     assert regrown["im_name"] == [name for name, _, _ in grown]
     assert all(regrown["joy-caption"])
@@ -103,9 +105,9 @@ def test_parquet_and_image_folder_sources(
     service = dataset_service(service_for, sqlite_url, tmp_path)
     parquet = tmp_path / "train.parquet"
     build_dataset(ROWS).to_parquet(str(parquet))
-    result = service.cli("submit-dataset", str(parquet), "-t", "Straightforward")
+    result = service.call("submit-dataset", str(parquet), "-t", "Straightforward")
     assert "queued 5" in result.stdout and "(6 rows)" in result.stdout, result.stdout
-    listed = service.cli("export", "--source", str(parquet), "--state", "queued", "--format", "csv")
+    listed = service.call("export", "--source", str(parquet), "--state", "queued", "--format", "csv")
     exported = pd.read_csv(io.StringIO(listed.stdout), keep_default_na=False)
     assert list(exported["im_name"]) == [name for name, _, _ in ROWS]
 
@@ -114,9 +116,9 @@ def test_parquet_and_image_folder_sources(
     for seed in (11, 12, 13):
         (folder / f"photo-{seed}.jpg").write_bytes(image_bytes(seed, "JPEG"))
     (folder / "metadata.csv").write_text("file_name,who\nphoto-11.jpg,Ann\nphoto-12.jpg,\nphoto-13.jpg,Cy\n")
-    result = service.cli("submit-dataset", str(folder), "--name-column", "who")
+    result = service.call("submit-dataset", str(folder), "--name-column", "who")
     assert "queued 3" in result.stdout, result.stdout
-    listed = service.cli("export", "--source", str(folder), "--state", "queued", "--columns", "name")
+    listed = service.call("export", "--source", str(folder), "--state", "queued", "--columns", "name")
     exported = pd.read_csv(io.StringIO(listed.stdout), keep_default_na=False)
     # Without an im_name column, rows are named by their image's file name.
     assert sorted(zip(exported["im_name"], exported["name"], strict=True)) == [
@@ -147,7 +149,7 @@ def test_bad_rows_are_rejected_with_reasons(
         },
         features=features,
     ).save_to_disk(str(source))
-    result = service.cli("submit-dataset", str(source))
+    result = service.call("submit-dataset", str(source))
     assert "queued 2" in result.stdout and "rejected 4" in result.stdout, result.stdout
     assert "row 1 (garbage): not an image Pillow can read" in result.stderr
     assert "row 2 (empty): the row has no image" in result.stderr

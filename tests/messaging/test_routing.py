@@ -27,8 +27,8 @@ def test_a_worker_with_another_model_leaves_the_jobs_alone(
     image_factory(tmp_path / "tiny", 2, seed=9)
     service = service_for(sqlite_url)
     settings = service.settings()
-    service.cli("submit", str(tmp_path / "real"), "--model", DEFAULT_MODEL)
-    service.cli("submit", str(tmp_path / "tiny"))
+    service.call("submit", str(tmp_path / "real"), "--model", DEFAULT_MODEL)
+    service.call("submit", str(tmp_path / "tiny"))
     assert set(caption_queues(settings)) == {
         settings.queue,
         model_queue(settings.queue, DEFAULT_MODEL),

@@ -58,7 +58,7 @@ def test_two_prompts_give_two_jobs_per_image_and_resubmitting_queues_nothing(
 ) -> None:
     image_factory(tmp_path / "in", 3)
     service = service_for(sqlite_url)
-    first = service.cli("submit", str(tmp_path / "in"), "-p", A, "--prompt", B)
+    first = service.call("submit", str(tmp_path / "in"), "-p", A, "--prompt", B)
     assert "queued 6," in first.stdout and "(3 files, 2 prompts)" in first.stdout, first.stdout
     assert len(first.stdout.strip().splitlines()) == 1, first.stdout
     by_image = prompts_by_image(sqlite_url)
@@ -66,11 +66,11 @@ def test_two_prompts_give_two_jobs_per_image_and_resubmitting_queues_nothing(
     assert all(sorted(found) == sorted([A, B]) for found in by_image.values()), by_image
     assert len({job.submission_id for job in jobs_in(sqlite_url)}) == 1
 
-    again = service.cli("submit", str(tmp_path / "in"), "-p", A, "-p", B)
+    again = service.call("submit", str(tmp_path / "in"), "-p", A, "-p", B)
     assert "queued 0," in again.stdout and "already queued 6" in again.stdout, again.stdout
     assert len(jobs_in(sqlite_url)) == 6
     # One prompt is a submission as before: the line has no prompt count, and A is known.
-    single = service.cli("submit", str(tmp_path / "in"), "-p", A)
+    single = service.call("submit", str(tmp_path / "in"), "-p", A)
     assert "already queued 3" in single.stdout and "(3 files)" in single.stdout, single.stdout
 
 
@@ -85,7 +85,7 @@ def test_prompt_file_in_mode_all_gives_every_prompt_to_every_image(
     # A weight of 0 would never be drawn: in mode all, weights are ignored.
     every.write_text(json.dumps({"mode": "all", "prompts": [A, {"prompt": B, "weight": 0}]}))
     service = service_for(sqlite_url)
-    result = service.cli("submit", str(tmp_path / "in"), "--prompt-file", str(every))
+    result = service.call("submit", str(tmp_path / "in"), "--prompt-file", str(every))
     assert "queued 4," in result.stdout and "2 prompts" in result.stdout, result.stdout
     assert all(sorted(p) == sorted([A, B]) for p in prompts_by_image(sqlite_url).values())
 
@@ -94,7 +94,7 @@ def test_prompt_file_in_mode_all_gives_every_prompt_to_every_image(
     drawn.write_text(
         json.dumps({"mode": "draw", "prompts": ["Caption it briefly.", {"prompt": B, "weight": 0}]})
     )
-    result = service.cli("submit", str(tmp_path / "in"), "--prompt-file", str(drawn))
+    result = service.call("submit", str(tmp_path / "in"), "--prompt-file", str(drawn))
     assert "queued 2," in result.stdout and "(2 files)" in result.stdout, result.stdout
     assert all(len(p) == 3 and p[-1] == "Caption it briefly." for p in prompts_by_image(sqlite_url).values())
 
@@ -206,14 +206,14 @@ def test_two_prompts_end_to_end_into_caption_columns(
     service = dataset_service(service_for, sqlite_url, tmp_path)
     service.start_worker()
 
-    service.cli("submit", str(folder), "-p", A, "-p", B, "--greedy")
+    service.call("submit", str(folder), "-p", A, "-p", B, "--greedy")
     wait_until(all_finished(sqlite_url, 4), timeout=180, what="4 jobs to finish")
     jobs = jobs_in(sqlite_url)
     assert all(job.status == "done" and job.caption for job in jobs), [(j.path, j.error) for j in jobs]
     caption = {(Path(job.path).name, job.prompt): job.caption for job in jobs}
 
     out = tmp_path / "by-image"
-    service.cli(
+    service.call(
         "export", "--format", "hf-dataset", "-o", str(out), "--caption-column", "a", "--caption-column", "b"
     )
     exported = datasets.load_from_disk(str(out))
@@ -225,7 +225,7 @@ def test_two_prompts_end_to_end_into_caption_columns(
         assert row["image"] is not None
 
     named = tmp_path / "named"
-    service.cli("export", "--format", "hf-dataset", "-o", str(named), "--caption-column", "cap")
+    service.call("export", "--format", "hf-dataset", "-o", str(named), "--caption-column", "cap")
     assert {"cap", "cap_2"} <= set(datasets.load_from_disk(str(named)).column_names)
     wrong = service.cli(
         "export",
@@ -243,7 +243,7 @@ def test_two_prompts_end_to_end_into_caption_columns(
     )
     one_line_error(wrong, "--caption-column", "2 prompts", "3")
 
-    submitted = service.cli("submit-dataset", str(source), "-p", A, "-p", B, "--greedy")
+    submitted = service.call("submit-dataset", str(source), "-p", A, "-p", B, "--greedy")
     assert "queued 6" in submitted.stdout and "(3 rows)" in submitted.stdout, submitted.stdout
     wait_until(all_finished(sqlite_url, 10), timeout=180, what="the dataset's 6 jobs to finish")
     by_id = {job.id: job for job in jobs_in(sqlite_url)}
@@ -252,7 +252,7 @@ def test_two_prompts_end_to_end_into_caption_columns(
         job = by_id[link.job_id]
         row_captions[link.row_index][job.prompt] = job.caption
     out2 = tmp_path / "captioned"
-    service.cli(
+    service.call(
         "export",
         "--format",
         "hf-dataset",

@@ -48,7 +48,7 @@ def test_a_worker_whose_row_was_removed_registers_again_and_keeps_working(
     # The same incarnation: jobs it claimed before are still its own, not a dead worker's.
     assert after.started_at == before.started_at
     image_factory(tmp_path / "in", 2)
-    service.cli("submit", str(tmp_path / "in"))
+    service.call("submit", str(tmp_path / "in"))
     wait_until(all_finished(sqlite_url, 2), timeout=60, what="the jobs")
     assert {job.status for job in jobs_in(sqlite_url)} == {"done"}
     assert "registering again" in worker.log()
@@ -97,7 +97,7 @@ def test_a_second_submit_sends_queued_jobs_that_have_no_message(
     image_factory(tmp_path / "in", 3)
     service = service_for(database_url)
     settings = service.settings()
-    service.cli("submit", str(tmp_path / "in"))
+    service.call("submit", str(tmp_path / "in"))
     ids = sorted(job.id for job in jobs_in(database_url))
     # The first submit's messages: two never sent (an interrupt after its commit), one sent.
     drop_messages(settings)
@@ -107,7 +107,7 @@ def test_a_second_submit_sends_queued_jobs_that_have_no_message(
             update(Job).where(col(Job.id).in_(ids)).values(queued_at=utcnow() - timedelta(minutes=5))
         )
         session.commit()
-    result = service.cli("submit", str(tmp_path / "in"))
+    result = service.call("submit", str(tmp_path / "in"))
     assert "already queued 3" in result.stdout
     assert job_ids_in_broker(settings) == set(ids)
     # The job whose message was still there got no second one.

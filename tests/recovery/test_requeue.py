@@ -25,7 +25,7 @@ def test_requeue_sends_only_what_redis_lost(
     image_factory(tmp_path / "in", 5)
     service = service_for(database_url)
     settings = service.settings()
-    service.cli("submit", str(tmp_path / "in"))
+    service.call("submit", str(tmp_path / "in"))
     ids = {job.id for job in jobs_in(database_url)}
     assert job_ids_in_broker(settings) == ids
 
@@ -36,7 +36,7 @@ def test_requeue_sends_only_what_redis_lost(
     # Redis loses the queue: every job is sent once, and a second requeue sends nothing more.
     drop_messages(settings)
     assert job_ids_in_broker(settings) == set()
-    result = service.cli("requeue", "--min-age", "0")
+    result = service.call("requeue", "--min-age", "0")
     assert "5 jobs waiting: 0 still have their message, 5 sent again" in result.stdout
     assert requeue_lost(settings, in_flight=timedelta(0)).sent == 0
     assert message_count(settings) == 5
@@ -71,7 +71,7 @@ def test_young_queued_jobs_are_left_alone(
     image_factory(tmp_path / "in", 2)
     service = service_for(sqlite_url)
     settings = service.settings()
-    service.cli("submit", str(tmp_path / "in"))
+    service.call("submit", str(tmp_path / "in"))
     drop_messages(settings)
     # Intake commits rows before it sends them: a fresh queued row may be in transit.
     assert requeue_lost(settings).candidates == 0

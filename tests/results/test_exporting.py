@@ -120,7 +120,7 @@ def test_file_formats_and_filters(
     enqueue_images([tmp_path / "dogs" / "broken.png"], request, settings)
 
     out = tmp_path / "out"
-    service.cli("export", "-o", str(out / "all.csv"))
+    service.call("export", "-o", str(out / "all.csv"))
     frame = pd.read_csv(out / "all.csv", keep_default_na=False)
     assert list(frame.columns) == ["im_name", "joy-caption"]
     assert dict(zip(frame["im_name"], frame["joy-caption"], strict=True)) == {
@@ -132,7 +132,7 @@ def test_file_formats_and_filters(
     }
 
     def names(*args: str) -> list[str]:
-        result = service.cli("export", "--name-column", "file", "--caption-column", "text", *args)
+        result = service.call("export", "--name-column", "file", "--caption-column", "text", *args)
         return sorted(pd.read_csv(io.StringIO(result.stdout), keep_default_na=False)["file"])
 
     assert names("--caption-type", "straightforward") == ["dog0.png", "dog1.png"]
@@ -143,14 +143,14 @@ def test_file_formats_and_filters(
     assert names("--search", "dog") == ["dog0.png", "dog1.png"]
     assert names("--state", "failed") == ["broken.png"]
 
-    with_columns = service.cli(
+    with_columns = service.call(
         "export", "--path", "*/dogs/*", "--columns", "prompt,status", "--columns", "extra_options"
     )
     frame = pd.read_csv(io.StringIO(with_columns.stdout), keep_default_na=False)
     assert list(frame.columns) == ["im_name", "joy-caption", "prompt", "status", "extra_options"]
     assert set(frame["status"]) == {"done"} and set(frame["extra_options"]) == {"[2]"}
 
-    service.cli("export", "-o", str(out / "all.jsonl"), "--state", "done", "--state", "failed")
+    service.call("export", "-o", str(out / "all.jsonl"), "--state", "done", "--state", "failed")
     records = [json.loads(line) for line in (out / "all.jsonl").read_text().splitlines()]
     assert len(records) == 6
     assert set(records[0]) == {"im_name", *RECORD_FIELDS}
@@ -158,7 +158,7 @@ def test_file_formats_and_filters(
     failed = [r for r in records if r["status"] == "failed"]
     assert [r["error"] for r in failed] == ["not an image Pillow can read"]
 
-    service.cli("export", "-o", str(out / "all.parquet"))
+    service.call("export", "-o", str(out / "all.parquet"))
     table = pq.read_table(out / "all.parquet")
     assert table.num_rows == 5
     assert str(table.schema.field("finished_at").type) == "timestamp[us, tz=UTC]"
@@ -167,7 +167,7 @@ def test_file_formats_and_filters(
     assert sorted(table.column("caption").to_pylist()) == ALL_CAPTIONS
     assert table.column("im_name").to_pylist()[0] == "cat0.png"
 
-    service.cli("export", "--format", "hf-dataset", "-o", str(out / "hf"))
+    service.call("export", "--format", "hf-dataset", "-o", str(out / "hf"))
     dataset = datasets.load_from_disk(str(out / "hf"))
     assert dataset.column_names == [
         "image",
@@ -203,7 +203,7 @@ def test_results_search_uses_the_full_text_index(
     _, ids = captioned(service, images, SEARCH_CAPTIONS)
 
     def found(query: str) -> list[str]:
-        result = service.cli("results", "--search", query, "--jsonl")
+        result = service.call("results", "--search", query, "--jsonl")
         return [json.loads(line)["caption"] for line in result.stdout.splitlines()]
 
     # A phrase, case-insensitive, the last word also as the start of a longer one.

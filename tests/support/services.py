@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from joycap_queue.messaging.app import queues_key
 
 # Small generations keep the end-to-end tests quick; the code path is the same as for 256 tokens.
 TEST_MAX_NEW_TOKENS = "12"
+# Commands that load the model or serve: never in the test process (Service.call).
+HEAVY_COMMANDS = frozenset({"caption", "worker", "model", "up", "demo", "watch", "flower"})
 
 
 def wait_until(
@@ -66,6 +69,48 @@ class Service:
         if check and result.returncode != 0:
             raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
+
+    def call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The same command as ``cli``, run in this process through click's CliRunner.
+
+        It skips the second of interpreter and import start-up a subprocess costs (most of the
+        suite's CLI calls are data in, data out). Each call reads the environment afresh and
+        leaves no pooled connection or Celery app behind, as a process of its own would. Calls
+        whose stderr a test reads for a one-line error stay on ``cli``: only a real process
+        shows exactly what a user's terminal gets (Python warnings, the log's last-resort
+        handler).
+        """
+        # The heavy side holds one model per process (worker/runtime.py): a second command here
+        # would reuse the first one's. Those run in processes of their own, as users run them.
+        assert args and args[0] not in HEAVY_COMMANDS, f"run `{args[0]}` with Service.cli"
+        from celery import _state as celery_state
+        from click.testing import CliRunner
+
+        from joycap_queue.cli import cli
+        from joycap_queue.config import get_settings
+        from joycap_queue.store import engines
+
+        env: dict[str, str | None] = {key: None for key in os.environ if key not in self.env}
+        env.update(self.env)
+        apps_before = set(celery_state._apps)
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(cli, list(args), env=env, prog_name="joycap-queue")
+        finally:
+            get_settings.cache_clear()
+            engines.dispose_engines()
+            for app in set(celery_state._apps) - apps_before:
+                app.close()
+        stderr = result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            # A subprocess would print the traceback: keep it where the tests look for one.
+            stderr += "".join(traceback.format_exception(result.exception))
+        completed = subprocess.CompletedProcess(
+            ["joycap-queue", *args], result.exit_code, result.stdout, stderr
+        )
+        if check and completed.returncode != 0:
+            raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{completed.stdout}\n{stderr}")
+        return completed
 
     def settings(self) -> Settings:
         """The settings a CLI call or a worker of this service runs with."""

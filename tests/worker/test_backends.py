@@ -152,7 +152,7 @@ def test_worker_with_the_openai_backend(
     with openai_server(captioner, service.env["JOYCAP_MODEL"], api_key=API_KEY) as (url, served):
         service.env.update(JOYCAP_OPENAI_API_KEY=API_KEY)
         worker = service.start_worker("--backend", "openai", "--openai-url", url, "-c", "6")
-        service.cli("submit", str(tmp_path / "in"), "--greedy")
+        service.call("submit", str(tmp_path / "in"), "--greedy")
         wait_until(all_finished(sqlite_url, 6), timeout=120, what="6 jobs via the openai backend")
     jobs = jobs_in(sqlite_url)
     assert [job.status for job in jobs] == ["done"] * 6, [job.error for job in jobs]
@@ -171,7 +171,7 @@ def test_worker_with_the_null_backend_says_so(
     image_factory(tmp_path / "in", 5)
     service = service_for(sqlite_url)
     worker = service.start_worker("--backend", "null", "-b", "4")
-    service.cli("submit", str(tmp_path / "in"))
+    service.call("submit", str(tmp_path / "in"))
     wait_until(all_finished(sqlite_url, 5), timeout=60, what="5 jobs via the null backend")
     assert [job.caption for job in jobs_in(sqlite_url)] == [NULL_CAPTION] * 5
     assert "null backend: no model runs" in worker.log()

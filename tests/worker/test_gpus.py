@@ -63,7 +63,7 @@ def test_one_worker_per_gpu(
     # The supervisor never loaded torch, so it cannot have touched CUDA before starting them.
     assert "libtorch" not in Path(f"/proc/{parent.process.pid}/maps").read_text()
 
-    service.cli("submit", str(tmp_path / "in"), "--greedy")
+    service.call("submit", str(tmp_path / "in"), "--greedy")
     wait_until(all_finished(sqlite_url, 12), timeout=180, what="12 jobs on two GPU workers")
     jobs = jobs_in(sqlite_url)
     assert [job.status for job in jobs] == ["done"] * 12
@@ -97,7 +97,7 @@ def test_gpus_all_on_cuda(
     count = len(visible_gpus())
     wait_until(lambda: parent.log().count(" ready.") >= count, timeout=300, what="every GPU worker")
     assert parent.log().count("transformers on cuda") == count
-    service.cli("submit", str(tmp_path / "in"), "--greedy")
+    service.call("submit", str(tmp_path / "in"), "--greedy")
     wait_until(all_finished(sqlite_url, 8), timeout=300, what="8 jobs on the GPUs")
     assert [job.status for job in jobs_in(sqlite_url)] == ["done"] * 8
 

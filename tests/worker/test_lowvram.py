@@ -98,11 +98,11 @@ def test_workers_take_only_their_own_model_quantization_and_adapter(
     image_factory(images, 2)
     service = service_for(sqlite_url)
     settings = service.settings()
-    service.cli("submit", str(images), "--greedy")
-    service.cli("submit", str(images), "--greedy", "--quantize", "nf4")
-    service.cli("submit", str(images), "--greedy", "--lora", str(adapter))
+    service.call("submit", str(images), "--greedy")
+    service.call("submit", str(images), "--greedy", "--quantize", "nf4")
+    service.call("submit", str(images), "--greedy", "--lora", str(adapter))
     # The same image with the same options again: nothing new (the dedup key includes both).
-    again = service.cli("submit", str(images), "--greedy", "--lora", str(adapter))
+    again = service.call("submit", str(images), "--greedy", "--lora", str(adapter))
     assert "queued 0" in again.stdout
     jobs = jobs_in(sqlite_url)
     assert len(jobs) == 6
@@ -149,7 +149,7 @@ def test_workers_take_only_their_own_model_quantization_and_adapter(
     assert by_spec[("none", spec.adapter_hash)] != by_spec[("none", "")]
     assert by_spec[("none", spec.adapter_hash)] == caption_cli(service, images, "--lora", str(adapter))
 
-    results = service.cli("results", "--json")
+    results = service.call("results", "--json")
     records = json.loads(results.stdout)
     assert {(r["quantize"], r["adapter_hash"]) for r in records} == {
         ("none", ""),
@@ -168,14 +168,14 @@ def test_idle_unload_frees_the_model_and_the_next_job_loads_it(
     image_factory(tmp_path / "first", 1)
     image_factory(tmp_path / "second", 1, seed=5)
     worker = service.start_worker("--idle-unload-s", "1", name="idle")
-    service.cli("submit", str(tmp_path / "first"))
+    service.call("submit", str(tmp_path / "first"))
     wait_until(lambda: [j.status for j in jobs_in(sqlite_url)] == ["done"], timeout=60, what="the first job")
     wait_until(lambda: "model unloaded" in worker.log(), timeout=30, what="the idle unload")
 
     # `status` and Celery's stats (what Flower's worker page shows) say idle-unloaded, not dead.
     def worker_line() -> str:
         lines = [
-            line for line in service.cli("status").stdout.splitlines() if line.strip().startswith("idle@")
+            line for line in service.call("status").stdout.splitlines() if line.strip().startswith("idle@")
         ]
         return lines[0] if lines else ""
 
@@ -186,7 +186,7 @@ def test_idle_unload_frees_the_model_and_the_next_job_loads_it(
     assert [s["joycap"]["state"] for s in stats.values()] == ["idle-unloaded"]
     assert worker.process.poll() is None
 
-    service.cli("submit", str(tmp_path / "second"))
+    service.call("submit", str(tmp_path / "second"))
     wait_until(
         lambda: [j.status for j in jobs_in(sqlite_url)] == ["done", "done"], timeout=90, what="the second job"
     )
@@ -211,7 +211,7 @@ def test_a_bad_adapter_is_one_line_at_start_and_fails_no_job(
     service = service_for(sqlite_url)
     copy = tmp_path / "copy"
     shutil.copytree(adapter, copy)
-    service.cli("submit", str(images), "--lora", str(copy))
+    service.call("submit", str(images), "--lora", str(copy))
 
     # Corrupt weights: the file cut short after the jobs were queued.
     weights = copy / "adapter_model.safetensors"

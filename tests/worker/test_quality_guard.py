@@ -64,7 +64,7 @@ def test_a_looping_model_is_flagged_repetitive_after_its_retries(
     image_factory(tmp_path / "images", 2)
     service = service_for(sqlite_url)
     service.env.update(JOYCAP_MODEL=str(model), JOYCAP_QUALITY_RETRIES="1")
-    service.cli("submit", str(tmp_path / "images"), "--greedy")
+    service.call("submit", str(tmp_path / "images"), "--greedy")
     worker = service.start_worker()
     wait_until(
         lambda: [j.status for j in jobs_in(sqlite_url)] == ["done", "done"], timeout=120, what="the jobs"
@@ -89,7 +89,7 @@ def test_truncated_captions_are_retried_and_kept_done(
     service = service_for(sqlite_url)
     service.env.update(JOYCAP_QUALITY_RETRIES="2")
     # Seeded: the sampled re-tries are the same in every run (the engine's sampling is per image).
-    service.cli(
+    service.call(
         "submit",
         str(tmp_path / "images"),
         *("--max-new-tokens", "4", "--seed", "3"),
@@ -107,9 +107,9 @@ def test_truncated_captions_are_retried_and_kept_done(
         assert job.caption and job.output_tokens == 4
     # Asked for sidecars, but not of flagged captions; `results --quality ok` leaves them out too.
     assert list((tmp_path / "images").glob("*.txt")) == []
-    assert json.loads(service.cli("results", "--quality", "ok", "--json").stdout) == []
-    assert len(json.loads(service.cli("results", "--quality", "truncated", "--json").stdout)) == 3
-    assert "flagged" in service.cli("status").stdout
+    assert json.loads(service.call("results", "--quality", "ok", "--json").stdout) == []
+    assert len(json.loads(service.call("results", "--quality", "truncated", "--json").stdout)) == 3
+    assert "flagged" in service.call("status").stdout
 
 
 def test_clean_up_rules_change_the_stored_caption_and_keep_the_raw_one(
@@ -125,12 +125,12 @@ def test_clean_up_rules_change_the_stored_caption_and_keep_the_raw_one(
     service.env.update(JOYCAP_MODEL=str(model))
     # The looping caption is one run-on sentence of the same word: dropping the sentences that
     # mention it leaves nothing, which the guard then flags as empty.
-    service.cli(
+    service.call(
         "submit", str(tmp_path / "images"), "--greedy", "--drop-sentences", word, "--prepend", "tag, "
     )
     plain = tmp_path / "plain"
     image_factory(plain, 1)
-    service.cli("submit", str(plain), "--greedy", "--prepend", "tag, ")
+    service.call("submit", str(plain), "--greedy", "--prepend", "tag, ")
     service.start_worker()
     wait_until(lambda: all(j.status == "done" for j in jobs_in(sqlite_url)), timeout=120, what="the jobs")
     cleaned, untouched = jobs_in(sqlite_url)
@@ -140,7 +140,7 @@ def test_clean_up_rules_change_the_stored_caption_and_keep_the_raw_one(
     assert cleaned.quality is not None and "empty" in cleaned.quality.split(",")
     # Without rules nothing is dropped and no raw copy is kept.
     assert (untouched.caption or "").startswith(f"tag, {word}") and untouched.raw_caption is None
-    raw = service.cli("export", "--raw", "-o", str(tmp_path / "raw.jsonl"))
+    raw = service.call("export", "--raw", "-o", str(tmp_path / "raw.jsonl"))
     assert raw.returncode == 0
     exported = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
     assert any(
