@@ -48,7 +48,9 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     jobs = jobs_in(sqlite_url)
     # Four in flight when it died: none is blamed (the attempt is given back), each ran alone.
     assert [(job.status, job.attempts) for job in jobs] == [("done", 1)] * 4
-    assert all(job.worker and job.worker.startswith("next@") and job.caption for job in jobs)
+    assert all(job.worker and job.worker.startswith("next@") and job.caption for job in jobs), [
+        (job.worker, job.caption, job.quality) for job in jobs
+    ]
     # Every message is acknowledged: nothing will be delivered a third time.
     wait_until(lambda: not job_ids_in_broker(service.settings()), timeout=10, what="the acks")
 
