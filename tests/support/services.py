@@ -51,6 +51,14 @@ def through(url: str, port: int) -> str:
     return url.replace(f"{host}:{real}", f"127.0.0.1:{port}", 1)
 
 
+def _checked(
+    result: subprocess.CompletedProcess[str], args: tuple[str, ...], check: bool
+) -> subprocess.CompletedProcess[str]:
+    if check and result.returncode != 0:
+        raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 @dataclass
 class Service:
     """The environment a set of CLI calls and workers share: broker, database, queue, model."""
@@ -66,9 +74,7 @@ class Service:
             text=True,
             timeout=timeout,
         )
-        if check and result.returncode != 0:
-            raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
+        return _checked(result, args, check)
 
     def call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """The same command as ``cli``, run in this process through click's CliRunner.
@@ -108,9 +114,7 @@ class Service:
         completed = subprocess.CompletedProcess(
             ["joycap-queue", *args], result.exit_code, result.stdout, stderr
         )
-        if check and completed.returncode != 0:
-            raise AssertionError(f"joycap-queue {' '.join(args)} failed:\n{completed.stdout}\n{stderr}")
-        return completed
+        return _checked(completed, args, check)
 
     def settings(self) -> Settings:
         """The settings a CLI call or a worker of this service runs with."""
