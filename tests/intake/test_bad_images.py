@@ -47,6 +47,6 @@ def test_odd_images_end_captioned_or_failed_with_their_reason(
     for path in good:
         job = jobs[path.name]
         assert job.status == "done", (path.name, job.error)
-        assert job.caption
+        assert job.caption, (path.name, job.quality)
     assert worker.process.poll() is None, "the worker must keep running"
     assert os.path.islink(tmp_path / "odd" / "loop")
