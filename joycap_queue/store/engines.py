@@ -18,7 +18,14 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlmodel import create_engine
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from joycap_queue.config import mask_url
 from joycap_queue.errors import OptionError, ServiceUnavailable, first_line
@@ -141,7 +148,8 @@ def retrying(budget_s: float, *, what: str) -> Retrying:
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_delay(budget_s),
-        wait=wait_exponential_jitter(initial=0.2, max=10.0),
+        # wait_exponential_jitter's first argument is named differently across tenacity 8 and 9.
+        wait=wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 1),
         before_sleep=log_retry,
         reraise=True,
     )
