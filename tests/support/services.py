@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from sqlalchemy import make_url
 
@@ -117,16 +118,10 @@ class Service:
         return _checked(completed, args, check)
 
     def settings(self) -> Settings:
-        """The settings a CLI call or a worker of this service runs with."""
-        env = self.env
-        return Settings(
-            broker_url=env["JOYCAP_BROKER_URL"],
-            database_url=env["JOYCAP_DATABASE_URL"],
-            queue=env["JOYCAP_QUEUE"],
-            model=env["JOYCAP_MODEL"],
-            max_new_tokens=int(env["JOYCAP_MAX_NEW_TOKENS"]),
-            data_dir=Path(env["JOYCAP_DATA_DIR"]),
-        )
+        """The settings a CLI call or a worker of this service runs with: read from its environment
+        as theirs are (every JOYCAP_ variable, a test's own included), not from this process's."""
+        with mock.patch.dict(os.environ, self.env, clear=True):
+            return Settings()
 
     def start_worker(self, *args: str, name: str = "w1") -> Worker:
         log_path = self.tmp / f"worker-{name}.log"
